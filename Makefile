@@ -1,0 +1,34 @@
+# tracestore developer commands. Every target creates the virtualenv (.venv) on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SCALE ?= 1m
+
+.PHONY: help venv demo test lint bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
+
+$(BIN)/tracestore: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+venv: $(BIN)/tracestore  ## create .venv and install tracestore with its dev tools
+
+demo: venv  ## build a SQLite file of synthetic traces through the migrations, query it, show the plan
+	$(BIN)/tracestore --url sqlite:///demo.db demo
+
+test: venv  ## run the whole test suite
+	$(BIN)/pytest
+
+lint: venv  ## ruff and mypy
+	$(BIN)/ruff check tracestore migrations tests benchmarks
+	$(BIN)/mypy
+
+bench: venv  ## benchmarks on a legacy-shaped file (SCALE=1m by default; e.g. SCALE=100k)
+	$(BIN)/python benchmarks/bench_query.py --scale $(SCALE)
+
+clean:  ## remove the virtualenv, build outputs and scratch databases
+	rm -rf $(VENV) build dist *.egg-info demo.db* benchmarks/scratch

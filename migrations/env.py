@@ -1,0 +1,108 @@
+"""Alembic environment: picks the database URL, runs each revision in its own transaction.
+
+URL precedence: `-x url=...`, then $TRACESTORE_DATABASE_URL, then `sqlalchemy.url` in alembic.ini.
+`tracestore.migrate` passes an open connection in `config.attributes["connection"]` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from logging.config import fileConfig
+from typing import Any
+
+from alembic import context
+from sqlalchemy import Connection
+from sqlalchemy.engine import make_url
+
+from tracestore.engine import create_async_engine, create_engine
+from alembic.operations import ops
+from tracestore.models import SESSION_TIME_INDEX, Base
+from tracestore.schema import foreign_keys_off, session_index_drift
+
+config = context.config
+if config.config_file_name is not None and config.attributes.get("configure_logger", True):
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+log = logging.getLogger("tracestore.migrate")
+
+# Bookkeeping tables that live beside the models but are not part of them.
+NON_MODEL_TABLES = {"tracestore_backfill_progress", "sqlite_stat1", "sqlite_stat4"}
+
+
+def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
+    if type_ == "table" and name in NON_MODEL_TABLES:
+        return False
+    # SQLite reflection loses DESC, so Alembic cannot compare this index; check_session_index does.
+    return not (type_ == "index" and name == SESSION_TIME_INDEX and context.get_bind().dialect.name == "sqlite")
+
+
+def check_session_index(migration_context: Any, revision: Any, directives: list[Any]) -> None:
+    """Make `alembic check` / autogenerate see drift of the DESC index that reflection cannot show."""
+    drift = session_index_drift(migration_context.connection)
+    if drift is None or not directives:
+        return
+    log.warning("%s", drift)
+    index = next(i for i in Base.metadata.tables["trace_sessions"].indexes if i.name == SESSION_TIME_INDEX)
+    changes: list[Any] = [ops.CreateIndexOp.from_index(index)]
+    if "missing" not in drift:
+        changes.insert(0, ops.DropIndexOp.from_index(index))
+    directives[0].upgrade_ops.ops.append(ops.ModifyTableOps("trace_sessions", changes))
+
+
+def database_url() -> str:
+    url = context.get_x_argument(as_dictionary=True).get("url") or os.environ.get("TRACESTORE_DATABASE_URL")
+    return url or config.get_main_option("sqlalchemy.url") or "sqlite:///traces.db"
+
+
+def run_on(connection: Connection) -> None:
+    # Never rebuild or touch tables with foreign keys on: SQLite's copy-and-drop of a parent table
+    # would cascade and silently delete every trace_sessions row.
+    with foreign_keys_off(connection):
+        context.configure(
+            connection=connection,
+            target_metadata=Base.metadata,
+            include_object=include_object,
+            process_revision_directives=check_session_index,
+            compare_type=True,
+            # SQLite's DDL is transactional once the driver stops managing transactions (engine.py):
+            # each revision commits or rolls back whole, so a crash never leaves half a revision.
+            transactional_ddl=True,
+            transaction_per_migration=True,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+
+
+async def run_async(url: str) -> None:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(run_on)
+    finally:
+        await engine.dispose()
+
+
+def run_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        run_on(connection)
+        return
+    url = database_url()
+    if make_url(url).get_dialect().is_async:
+        asyncio.run(run_async(url))
+        return
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            run_on(connection)
+    finally:
+        engine.dispose()
+
+
+if context.is_offline_mode():
+    context.configure(url=database_url(), target_metadata=Base.metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+else:
+    run_online()

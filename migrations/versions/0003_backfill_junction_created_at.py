@@ -1,0 +1,52 @@
+"""Backfill trace_sessions.created_at from traces in bounded batches; remove orphan links.
+
+Runs outside the migration transaction (autocommit block): every batch commits on its own and saves
+its position, so a killed run resumes where it stopped. Batch size: `-x batch_size=N`, then
+$TRACESTORE_BATCH_SIZE, then the default.
+
+Revision ID: 0003
+Revises: 0002
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from alembic import context, op
+
+from tracestore.backfill import DEFAULT_BATCH_SIZE, backfill_sqlite
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+log = logging.getLogger("tracestore.migrate")
+
+
+def _batch_size() -> int:
+    configured = context.get_x_argument(as_dictionary=True).get("batch_size") or os.environ.get(
+        "TRACESTORE_BATCH_SIZE"
+    )
+    return int(configured) if configured else int(context.config.attributes.get("batch_size", DEFAULT_BATCH_SIZE))
+
+
+def upgrade() -> None:
+    migration = op.get_context()
+    with migration.autocommit_block():
+        report = backfill_sqlite(
+            op.get_bind(),
+            batch_size=_batch_size(),
+            on_progress=context.config.attributes.get("on_progress"),
+        )
+    context.config.attributes.setdefault("reports", {})["backfill"] = report
+    if report.orphans_removed:
+        log.warning("removed %d trace_sessions rows whose trace does not exist", report.orphans_removed)
+
+
+def downgrade() -> None:
+    # Nothing to undo: at revision 0002 the column exists and may hold values (writers of this
+    # release fill it). Orphan links removed on the way up were dangling references to deleted
+    # traces and are not restored.
+    pass

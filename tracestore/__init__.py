@@ -1,0 +1,24 @@
+"""tracestore: application traces in SQL, with fast time-bounded session queries."""
+
+from tracestore.async_store import AsyncTraceStore
+from tracestore.errors import (
+    InvalidQueryError,
+    InvalidTraceError,
+    SchemaOutOfDateError,
+    StorageError,
+    TraceStoreError,
+)
+from tracestore.store import TraceStore
+from tracestore.types import TraceContext, new_trace_id
+
+__all__ = [
+    "AsyncTraceStore",
+    "InvalidQueryError",
+    "InvalidTraceError",
+    "SchemaOutOfDateError",
+    "StorageError",
+    "TraceContext",
+    "TraceStore",
+    "TraceStoreError",
+    "new_trace_id",
+]

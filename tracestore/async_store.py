@@ -1,0 +1,172 @@
+"""The asyncio store: the same statements and decoding as TraceStore, on an AsyncEngine.
+
+Mirrors tracestore.store method for method; tests/test_async_store.py holds the parity test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from tracestore.engine import configure_async_engine, create_async_engine
+from tracestore.errors import StorageError
+from tracestore.migrate import ensure_head
+from tracestore.queries import Statements, explain_statement, query_statement, statements_for
+from tracestore.rows import WriteBatch, check_query_args, check_trace_id, decode_row, decode_rows
+from tracestore.types import TraceContext
+
+plan_log = logging.getLogger("tracestore.plan")
+
+DEFAULT_URL = "sqlite+aiosqlite:///traces.db"
+
+
+class AsyncTraceStore:
+    """`async with AsyncTraceStore(url_or_async_engine) as store:` — the TraceStore API, awaited.
+
+    The schema check (and upgrade, with `auto_upgrade=True`) runs on first use or in `__aenter__`.
+    """
+
+    def __init__(self, url_or_engine: str | AsyncEngine = DEFAULT_URL, *, auto_upgrade: bool = True) -> None:
+        owned = not isinstance(url_or_engine, AsyncEngine)
+        engine = (
+            create_async_engine(url_or_engine)
+            if isinstance(url_or_engine, str)
+            else configure_async_engine(url_or_engine)
+        )
+        self._engine = engine
+        self._owned = owned
+        self._write_engine = engine.execution_options(tracestore_write=True)
+        self._sql: Statements = statements_for(engine.dialect.name)
+        self._auto_upgrade = auto_upgrade
+        self._ready = False
+        self._opening = asyncio.Lock()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    async def open(self) -> None:
+        """Check (or upgrade) the schema once; called by `async with` and by the first operation."""
+        async with self._opening:
+            if self._ready:
+                return
+            try:
+                async with self._engine.connect() as conn:
+                    await conn.run_sync(lambda sync_conn: ensure_head(sync_conn, auto_upgrade=self._auto_upgrade))
+            except SQLAlchemyError as exc:
+                raise StorageError(f"cannot open {self._engine.url!r}: {exc.orig or exc}") from exc
+            self._ready = True
+
+    # -- writes -----------------------------------------------------------------------------------
+    async def store(self, trace: TraceContext) -> None:
+        await self.store_batch((trace,))
+
+    async def store_batch(self, traces: Iterable[TraceContext]) -> None:
+        batch = WriteBatch(traces)
+        if not batch.trace_params:
+            return
+        if not self._ready:
+            await self.open()
+        try:
+            async with self._write_engine.begin() as conn:
+                await conn.execute(self._sql.upsert_trace, batch.trace_params)
+                await conn.execute(self._sql.move_links, batch.move_params)
+                if batch.link_params:
+                    await conn.execute(self._sql.insert_link, batch.link_params)
+        except SQLAlchemyError as exc:
+            raise StorageError(f"store failed, nothing of the batch was written: {exc.orig or exc}") from exc
+
+    async def delete(self, trace_id: str) -> bool:
+        params = {"id": check_trace_id(trace_id)}
+        if not self._ready:
+            await self.open()
+        try:
+            async with self._write_engine.begin() as conn:
+                return bool((await conn.execute(self._sql.delete_trace, params)).rowcount)
+        except SQLAlchemyError as exc:
+            raise StorageError(f"delete failed: {exc.orig or exc}") from exc
+
+    # -- reads ------------------------------------------------------------------------------------
+    async def get(self, trace_id: str) -> TraceContext | None:
+        params = {"id": check_trace_id(trace_id)}
+        rows = await self._fetch(self._sql.get_trace, params)
+        return decode_row(rows[0]) if rows else None
+
+    async def get_by_session_uid(
+        self, session_uid: str, since: float | None = None, limit: int | None = None
+    ) -> list[TraceContext]:
+        return await self.query(session_uid=session_uid, since=since, limit=limit)
+
+    async def query(
+        self,
+        *,
+        session_uid: str | None = None,
+        namespace: str | None = None,
+        context_type: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int | None = None,
+    ) -> list[TraceContext]:
+        args = {
+            "session_uid": session_uid,
+            "namespace": namespace,
+            "context_type": context_type,
+            "since": since,
+            "until": until,
+            "limit": limit,
+        }
+        check_query_args(**args)
+        stmt, params = query_statement(self._sql, **args)
+        return decode_rows(await self._fetch(stmt, params))
+
+    async def explain(
+        self, session_uid: str, since: float | None = None, limit: int | None = None, **filters: Any
+    ) -> list[str]:
+        args = {"session_uid": session_uid, "since": since, "limit": limit, "namespace": None,
+                "context_type": None, "until": None, **filters}
+        check_query_args(**args)
+        stmt, params = query_statement(self._sql, **args)
+        if not self._ready:
+            await self.open()
+        try:
+            async with self._engine.connect() as conn:
+                return await _plan(conn, stmt, params)
+        except SQLAlchemyError as exc:
+            raise StorageError(f"explain failed: {exc.orig or exc}") from exc
+
+    async def _fetch(self, stmt: Any, params: dict[str, Any]) -> list[Any]:
+        if not self._ready:
+            await self.open()
+        try:
+            async with self._engine.connect() as conn:
+                if plan_log.isEnabledFor(logging.DEBUG):
+                    plan_log.debug("plan:\n  %s", "\n  ".join(await _plan(conn, stmt, params)))
+                return (await conn.execute(stmt, params)).all()  # type: ignore[return-value]
+        except SQLAlchemyError as exc:
+            raise StorageError(f"query failed: {exc.orig or exc}") from exc
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def close(self) -> None:
+        if self._owned:
+            await self._engine.dispose()
+
+    async def __aenter__(self) -> AsyncTraceStore:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+async def _plan(conn: AsyncConnection, stmt: Any, params: dict[str, Any]) -> list[str]:
+    sql, driver_params = explain_statement(stmt, params, conn.dialect)
+    rows = (await conn.exec_driver_sql(sql, driver_params)).all()  # type: ignore[arg-type]
+    return [str(row[-1]) for row in rows]

@@ -1,0 +1,134 @@
+"""Batched backfill of trace_sessions.created_at from traces, with orphan removal and resume.
+
+Each batch is its own short write transaction over a rowid range of the junction table, so a
+concurrent writer waits at most one batch, a kill loses at most one batch of work, and the
+position is saved in the same transaction as the batch it describes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, text
+
+log = logging.getLogger("tracestore.migrate")
+
+PROGRESS_TABLE = "tracestore_backfill_progress"
+TASK = "trace_sessions.created_at"
+DEFAULT_BATCH_SIZE = 20_000
+
+ProgressCallback = Callable[[int, int], None]
+"""Called after each batch with (rows done, rows in total)."""
+
+
+@dataclass
+class BackfillReport:
+    rows_scanned: int = 0
+    rows_updated: int = 0
+    orphans_removed: int = 0
+    seconds: float = 0.0
+
+
+_NEXT_BOUND = text(
+    "SELECT rowid FROM trace_sessions WHERE rowid > :lo ORDER BY rowid LIMIT 1 OFFSET :skip"
+)
+_DELETE_ORPHANS = text(
+    "DELETE FROM trace_sessions WHERE rowid > :lo AND rowid <= :hi"
+    " AND NOT EXISTS (SELECT 1 FROM traces WHERE traces.id = trace_sessions.trace_id)"
+)
+# Only rows whose value differs are written, so a rerun over finished ranges costs reads only.
+_FILL = text(
+    "UPDATE trace_sessions SET created_at ="
+    " (SELECT traces.created_at FROM traces WHERE traces.id = trace_sessions.trace_id)"
+    " WHERE rowid > :lo AND rowid <= :hi AND created_at IS NOT"
+    " (SELECT traces.created_at FROM traces WHERE traces.id = trace_sessions.trace_id)"
+)
+_SAVE = text(f"INSERT OR REPLACE INTO {PROGRESS_TABLE} (task, last_rowid) VALUES (:task, :hi)")
+
+
+def backfill_sqlite(
+    connection: Connection,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_progress: ProgressCallback | None = None,
+) -> BackfillReport:
+    """Fill every junction row's created_at from its trace; remove links to traces that do not exist.
+
+    The connection must be in autocommit mode (Alembic's autocommit_block): this function opens and
+    commits one IMMEDIATE transaction per batch itself.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    run = connection.exec_driver_sql
+    run(f"CREATE TABLE IF NOT EXISTS {PROGRESS_TABLE} (task TEXT PRIMARY KEY, last_rowid INTEGER NOT NULL)")
+    saved = connection.execute(
+        text(f"SELECT last_rowid FROM {PROGRESS_TABLE} WHERE task = :task"), {"task": TASK}
+    ).scalar()
+    low = saved if saved is not None else 0
+    if saved is not None:
+        log.info("backfill: resuming after rowid %d", saved)
+    report = BackfillReport()
+    started = time.monotonic()
+    total = connection.execute(
+        text("SELECT count(*) FROM trace_sessions WHERE rowid > :lo"), {"lo": low}
+    ).scalar_one()
+    last_log = started
+    while True:
+        high = connection.execute(_NEXT_BOUND, {"lo": low, "skip": batch_size - 1}).scalar()
+        rows_in_batch = batch_size
+        if high is None:
+            # Fewer than batch_size rows left: the last batch runs to the current end of the table.
+            high = connection.execute(text("SELECT max(rowid) FROM trace_sessions")).scalar()
+            if high is None or high <= low:
+                break
+            rows_in_batch = connection.execute(
+                text("SELECT count(*) FROM trace_sessions WHERE rowid > :lo AND rowid <= :hi"),
+                {"lo": low, "hi": high},
+            ).scalar_one()
+        bounds = {"lo": low, "hi": high}
+        run("BEGIN IMMEDIATE")
+        try:
+            orphans = connection.execute(_DELETE_ORPHANS, bounds).rowcount
+            updated = connection.execute(_FILL, bounds).rowcount
+            connection.execute(_SAVE, {"task": TASK, "hi": high})
+            run("COMMIT")
+        except BaseException:
+            run("ROLLBACK")
+            raise
+        report.rows_scanned += rows_in_batch
+        report.rows_updated += updated
+        report.orphans_removed += orphans
+        low = high
+        now = time.monotonic()
+        if on_progress is not None:
+            on_progress(report.rows_scanned, max(total, report.rows_scanned))
+        if now - last_log >= 5:
+            _log_progress(report, total, now - started)
+            last_log = now
+    run(f"DROP TABLE IF EXISTS {PROGRESS_TABLE}")
+    report.seconds = time.monotonic() - started
+    log.info(
+        "backfill: done, %d rows scanned, %d filled, %d orphan links removed, %.1fs",
+        report.rows_scanned,
+        report.rows_updated,
+        report.orphans_removed,
+        report.seconds,
+    )
+    return report
+
+
+def _log_progress(report: BackfillReport, total: int, elapsed: float) -> None:
+    rate = report.rows_scanned / elapsed if elapsed else 0.0
+    left = max(total - report.rows_scanned, 0)
+    eta = left / rate if rate else float("inf")
+    log.info(
+        "backfill: %d / %d rows (%.0f%%), %.0f rows/s, ETA %.0fs",
+        report.rows_scanned,
+        total,
+        100.0 * report.rows_scanned / total if total else 100.0,
+        rate,
+        eta,
+    )

@@ -1,0 +1,96 @@
+"""How connections are made: engine creation, SQLite pragmas and the transaction recipe."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, event
+from sqlalchemy import create_engine as sa_create_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
+
+from tracestore.errors import StorageError
+
+# Pragmas run on every new SQLite connection, each with the reason it is there.
+SQLITE_PRAGMAS: tuple[tuple[str, str], ...] = (
+    # Wait for a competing writer instead of failing at once with "database is locked".
+    ("busy_timeout", "5000"),
+    # The legacy ON DELETE CASCADE never ran because this was off; deletes must take their links along.
+    ("foreign_keys", "ON"),
+    # Readers never block the writer and vice versa; persistent in the file once set.
+    ("journal_mode", "WAL"),
+    # In WAL mode NORMAL is durable against application crashes and much cheaper than FULL.
+    ("synchronous", "NORMAL"),
+    # 64 MiB of page cache keeps the hot part of idx_trace_sessions_uid_time and the traces PK in memory.
+    ("cache_size", "-65536"),
+)
+
+_CONFIGURED = "_tracestore_configured"
+
+
+def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+    # Take transaction control away from the driver: pysqlite/aiosqlite never BEGIN before a SELECT,
+    # so without this a multi-statement read sees several snapshots (SQLAlchemy's documented recipe).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        for name, value in SQLITE_PRAGMAS:
+            cursor.execute(f"PRAGMA {name}={value}")
+    finally:
+        cursor.close()
+
+
+def _on_begin(conn: Any) -> None:
+    options = conn.get_execution_options()
+    if options.get("isolation_level") == "AUTOCOMMIT":
+        return  # e.g. Alembic's autocommit_block: the caller manages transactions itself
+    # Writers take the write lock up front: a deferred transaction that later upgrades to a write
+    # fails with SQLITE_BUSY at once in WAL mode instead of waiting for busy_timeout.
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get("tracestore_write") else "BEGIN")
+
+
+def configure_engine(engine: Engine) -> Engine:
+    """Install tracestore's connection setup on an Engine (idempotent); non-SQLite engines are left alone."""
+    if engine.dialect.name != "sqlite" or getattr(engine, _CONFIGURED, False):
+        return engine
+    event.listen(engine, "connect", _on_connect)
+    event.listen(engine, "begin", _on_begin)
+    setattr(engine, _CONFIGURED, True)
+    # Connections pooled before the listeners existed lack the pragmas: start a fresh pool.
+    engine.dispose(close=False)
+    return engine
+
+
+def configure_async_engine(engine: AsyncEngine) -> AsyncEngine:
+    configure_engine(engine.sync_engine)
+    return engine
+
+
+def _check_url(url: str, *, want_async: bool) -> None:
+    try:
+        parsed = make_url(url)
+    except Exception as exc:  # sqlalchemy raises ArgumentError for malformed URLs
+        raise StorageError(f"not a database URL: {url!r} ({exc})") from exc
+    if parsed.get_dialect().is_async != want_async:
+        kind = "an async driver (e.g. sqlite+aiosqlite://)" if want_async else "a sync driver (e.g. sqlite://)"
+        raise StorageError(f"{url!r} needs {kind} here")
+
+
+def create_engine(url: str, **kwargs: Any) -> Engine:
+    """A sync Engine for `url` with tracestore's connection setup."""
+    _check_url(url, want_async=False)
+    return configure_engine(sa_create_engine(url, **kwargs))
+
+
+def create_async_engine(url: str, **kwargs: Any) -> AsyncEngine:
+    """An AsyncEngine for `url` (e.g. sqlite+aiosqlite:///traces.db) with tracestore's connection setup."""
+    _check_url(url, want_async=True)
+    return configure_async_engine(sa_create_async_engine(url, **kwargs))
+
+
+def sync_url(url: str) -> str:
+    """The sync-driver twin of a URL (migrations and checks run sync even for async stores)."""
+    parsed = make_url(url)
+    driver = {"sqlite+aiosqlite": "sqlite", "postgresql+asyncpg": "postgresql+psycopg"}.get(parsed.drivername)
+    return parsed.set(drivername=driver).render_as_string(hide_password=False) if driver else url

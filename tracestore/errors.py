@@ -1,0 +1,23 @@
+"""The library's exception hierarchy: every error a caller can see from tracestore."""
+
+from __future__ import annotations
+
+
+class TraceStoreError(Exception):
+    """Base class of every error raised by tracestore."""
+
+
+class InvalidTraceError(TraceStoreError, ValueError):
+    """A trace (or one of a batch) cannot be stored as given; nothing was written."""
+
+
+class InvalidQueryError(TraceStoreError, ValueError):
+    """Query arguments are out of range or of the wrong type; nothing was read."""
+
+
+class SchemaOutOfDateError(TraceStoreError):
+    """The database is not at the head revision, so the fast query could miss rows."""
+
+
+class StorageError(TraceStoreError):
+    """The database failed (not a database, locked, read-only, disk full...); the transaction was rolled back."""

@@ -1,0 +1,78 @@
+"""What the tables and indexes are: the SQLAlchemy 2.x declarative models of the trace schema."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Float,
+    ForeignKey,
+    Index,
+    MetaData,
+    Text,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Names for constraints the legacy schema left anonymous, so Alembic can address them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# The one index the hot query needs. It carries the whole sort key (created_at DESC, trace_id DESC):
+# without trace_id the tie-break brings back "USE TEMP B-TREE FOR RIGHT PART OF ORDER BY", and with
+# it the junction side of the join is a covering index scan.
+SESSION_TIME_INDEX = "idx_trace_sessions_uid_time"
+# (column, descending) in index order; the migration and the schema check use the same definition.
+SESSION_TIME_INDEX_COLUMNS: tuple[tuple[str, bool], ...] = (
+    ("session_uid", False),
+    ("created_at", True),
+    ("trace_id", True),
+)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Trace(Base):
+    """A stored trace; columns exactly as the legacy `traces` table, JSON kept as TEXT."""
+
+    __tablename__ = "traces"
+    __table_args__ = (
+        Index("idx_traces_created_at", "created_at"),
+        Index("idx_traces_type", "context_type"),
+        Index("idx_traces_namespace", "namespace"),
+    )
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    context_type: Mapped[str] = mapped_column(Text)
+    namespace: Mapped[str] = mapped_column(Text)
+    data: Mapped[str] = mapped_column(Text)
+    # `metadata` is Declarative's own attribute, hence the trailing underscore.
+    metadata_: Mapped[str | None] = mapped_column("metadata", Text, server_default=text("'{}'"))
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class TraceSession(Base):
+    """Links a trace to a session; `created_at` is the trace's, copied here so one index serves the query."""
+
+    __tablename__ = "trace_sessions"
+    __table_args__ = (
+        Index(
+            SESSION_TIME_INDEX,
+            *(text(f"{name} DESC") if desc else name for name, desc in SESSION_TIME_INDEX_COLUMNS),
+        ),
+    )
+
+    trace_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("traces.id", ondelete="CASCADE"), primary_key=True
+    )
+    session_uid: Mapped[str] = mapped_column(Text, primary_key=True)
+    # Nullable on purpose: SQLite cannot add NOT NULL to an existing column without rebuilding the
+    # table (hours at 100 GB, and a cascade hazard), and writers of the previous release insert
+    # links without it during a rolling deploy. The store always fills it; the migration backfills it.
+    created_at: Mapped[float | None] = mapped_column(Float)

@@ -1,0 +1,102 @@
+"""Translation between TraceContext values and statement parameters / result rows (shared by both stores)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import orjson
+
+from tracestore.errors import InvalidQueryError, InvalidTraceError, StorageError
+from tracestore.types import TraceContext
+
+_loads = orjson.loads
+_from_db = TraceContext._from_db
+
+
+class WriteBatch:
+    """Parameter lists for one write transaction, built (and so validated) before touching the database."""
+
+    __slots__ = ("link_params", "move_params", "trace_params")
+
+    def __init__(self, traces: Iterable[TraceContext]) -> None:
+        self.trace_params: list[dict[str, Any]] = []
+        self.move_params: list[dict[str, Any]] = []
+        self.link_params: list[dict[str, Any]] = []
+        for trace in traces:
+            if not isinstance(trace, TraceContext):
+                raise InvalidTraceError(f"expected a TraceContext, got {type(trace).__name__}")
+            self.trace_params.append(
+                {
+                    "id": trace.id,
+                    "context_type": trace.context_type,
+                    "namespace": trace.namespace,
+                    "data": _dumps("data", trace),
+                    "metadata": _dumps("metadata", trace),
+                    "created_at": trace.created_at,
+                    "updated_at": trace.updated_at,
+                }
+            )
+            self.move_params.append({"link_trace_id": trace.id, "link_created_at": trace.created_at})
+            self.link_params.extend(
+                {"trace_id": trace.id, "session_uid": uid, "created_at": trace.created_at}
+                for uid in trace.session_uids
+            )
+
+
+def _dumps(field_name: str, trace: TraceContext) -> str:
+    try:
+        return orjson.dumps(getattr(trace, field_name)).decode()
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise InvalidTraceError(f"trace {trace.id!r}: {field_name} is not JSON-serializable: {exc}") from exc
+
+
+def decode_row(row: Sequence[Any]) -> TraceContext:
+    """A result row of any trace-returning statement (see queries._trace_columns) as a TraceContext."""
+    trace_id, context_type, namespace, data, metadata, created_at, updated_at, sessions = row
+    try:
+        return _from_db(
+            trace_id,
+            context_type,
+            namespace,
+            _loads(data),
+            _loads(metadata) if metadata is not None else {},
+            created_at,
+            updated_at,
+            tuple(sorted(_loads(sessions))) if sessions is not None else (),
+        )
+    except orjson.JSONDecodeError as exc:
+        raise StorageError(f"trace {trace_id!r} holds invalid JSON: {exc}") from exc
+
+
+def decode_rows(rows: Iterable[Sequence[Any]]) -> list[TraceContext]:
+    return [decode_row(row) for row in rows]
+
+
+def check_query_args(
+    *,
+    session_uid: str | None,
+    namespace: str | None,
+    context_type: str | None,
+    since: float | None,
+    until: float | None,
+    limit: int | None,
+) -> None:
+    """Refuse arguments that would silently return a wrong answer."""
+    for name, value in (("session_uid", session_uid), ("namespace", namespace), ("context_type", context_type)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise InvalidQueryError(f"{name} must be a non-empty str, got {value!r}")
+    for name, bound in (("since", since), ("until", until)):
+        if bound is not None and (
+            isinstance(bound, bool) or not isinstance(bound, int | float) or not math.isfinite(bound)
+        ):
+            raise InvalidQueryError(f"{name} must be finite epoch seconds, got {bound!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise InvalidQueryError(f"limit must be a positive int, got {limit!r}")
+
+
+def check_trace_id(trace_id: object) -> str:
+    if not isinstance(trace_id, str) or not trace_id:
+        raise InvalidQueryError(f"trace_id must be a non-empty str, got {trace_id!r}")
+    return trace_id

@@ -1,0 +1,158 @@
+"""The synchronous store: executes the statements of tracestore.queries on a SQLAlchemy Engine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from tracestore.engine import configure_engine, create_engine
+from tracestore.errors import StorageError
+from tracestore.migrate import ensure_head
+from tracestore.queries import Statements, explain_statement, query_statement, statements_for
+from tracestore.rows import WriteBatch, check_query_args, check_trace_id, decode_row, decode_rows
+from tracestore.types import TraceContext
+
+plan_log = logging.getLogger("tracestore.plan")
+
+DEFAULT_URL = "sqlite:///traces.db"
+
+
+class TraceStore:
+    """Stores traces and answers "what did session S do recently?" from the composite index.
+
+    `TraceStore(url_or_engine)` takes a URL (the store owns and disposes the engine) or an existing
+    Engine (SQLite connections get tracestore's pragmas). A database below the head revision is
+    upgraded on open (`auto_upgrade=True`, the embedded default) or refused with SchemaOutOfDateError.
+    """
+
+    def __init__(self, url_or_engine: str | Engine = DEFAULT_URL, *, auto_upgrade: bool = True) -> None:
+        owned = not isinstance(url_or_engine, Engine)
+        engine = create_engine(url_or_engine) if isinstance(url_or_engine, str) else configure_engine(url_or_engine)
+        self._engine = engine
+        self._owned = owned
+        # Connections from this view BEGIN IMMEDIATE: writers queue on the lock instead of failing.
+        self._write_engine = engine.execution_options(tracestore_write=True)
+        self._sql: Statements = statements_for(engine.dialect.name)
+        try:
+            ensure_head(engine, auto_upgrade=auto_upgrade)
+        except SQLAlchemyError as exc:
+            self.close()
+            raise StorageError(f"cannot open {engine.url!r}: {exc.orig or exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    # -- writes -----------------------------------------------------------------------------------
+    def store(self, trace: TraceContext) -> None:
+        """Insert a trace, or update it in place (its existing session links are kept and re-stamped)."""
+        self.store_batch((trace,))
+
+    def store_batch(self, traces: Iterable[TraceContext]) -> None:
+        """Store many traces in one transaction: all of them or, on any error, none."""
+        batch = WriteBatch(traces)
+        if not batch.trace_params:
+            return
+        try:
+            with self._write_engine.begin() as conn:
+                conn.execute(self._sql.upsert_trace, batch.trace_params)
+                conn.execute(self._sql.move_links, batch.move_params)
+                if batch.link_params:
+                    conn.execute(self._sql.insert_link, batch.link_params)
+        except SQLAlchemyError as exc:
+            raise StorageError(f"store failed, nothing of the batch was written: {exc.orig or exc}") from exc
+
+    def delete(self, trace_id: str) -> bool:
+        """Delete a trace and its session links; False if there was no such trace."""
+        params = {"id": check_trace_id(trace_id)}
+        try:
+            with self._write_engine.begin() as conn:
+                return bool(conn.execute(self._sql.delete_trace, params).rowcount)
+        except SQLAlchemyError as exc:
+            raise StorageError(f"delete failed: {exc.orig or exc}") from exc
+
+    # -- reads ------------------------------------------------------------------------------------
+    def get(self, trace_id: str) -> TraceContext | None:
+        params = {"id": check_trace_id(trace_id)}
+        row = self._fetch(self._sql.get_trace, params)
+        return decode_row(row[0]) if row else None
+
+    def get_by_session_uid(
+        self, session_uid: str, since: float | None = None, limit: int | None = None
+    ) -> list[TraceContext]:
+        """The session's traces with created_at >= since, newest first (ties: id descending), at most `limit`."""
+        return self.query(session_uid=session_uid, since=since, limit=limit)
+
+    def query(
+        self,
+        *,
+        session_uid: str | None = None,
+        namespace: str | None = None,
+        context_type: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int | None = None,
+    ) -> list[TraceContext]:
+        """Traces matching every given filter, newest first; `since` inclusive, `until` exclusive."""
+        args = {
+            "session_uid": session_uid,
+            "namespace": namespace,
+            "context_type": context_type,
+            "since": since,
+            "until": until,
+            "limit": limit,
+        }
+        check_query_args(**args)
+        stmt, params = query_statement(self._sql, **args)
+        return decode_rows(self._fetch(stmt, params))
+
+    def explain(
+        self, session_uid: str, since: float | None = None, limit: int | None = None, **filters: Any
+    ) -> list[str]:
+        """The query plan of query(session_uid=..., ...), one line per plan step."""
+        args = {"session_uid": session_uid, "since": since, "limit": limit, "namespace": None,
+                "context_type": None, "until": None, **filters}
+        check_query_args(**args)
+        stmt, params = query_statement(self._sql, **args)
+        try:
+            with self._engine.connect() as conn:
+                return _plan(conn, stmt, params)
+        except SQLAlchemyError as exc:
+            raise StorageError(f"explain failed: {exc.orig or exc}") from exc
+
+    def _fetch(self, stmt: Any, params: dict[str, Any]) -> list[Any]:
+        try:
+            with self._engine.connect() as conn:
+                if plan_log.isEnabledFor(logging.DEBUG):
+                    plan_log.debug("plan:\n  %s", "\n  ".join(_plan(conn, stmt, params)))
+                return conn.execute(stmt, params).all()  # type: ignore[return-value]
+        except SQLAlchemyError as exc:
+            raise StorageError(f"query failed: {exc.orig or exc}") from exc
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Dispose of the engine if the store created it (an engine passed in stays the caller's)."""
+        if self._owned:
+            self._engine.dispose()
+
+    def __enter__(self) -> TraceStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _plan(conn: Connection, stmt: Any, params: dict[str, Any]) -> list[str]:
+    sql, driver_params = explain_statement(stmt, params, conn.dialect)
+    rows = conn.exec_driver_sql(sql, driver_params).all()  # type: ignore[arg-type]
+    return [str(row[-1]) for row in rows]

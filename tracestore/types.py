@@ -1,0 +1,115 @@
+"""What callers get back and hand in: the TraceContext value type and its validation."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tracestore.errors import InvalidTraceError
+
+JSONValue = Any
+
+
+def new_trace_id(created_at: float | None = None) -> str:
+    """A UUIDv7-shaped id whose first 48 bits are the creation time in ms.
+
+    Ids of traces created close in time sort (and sit on disk) next to each other, so the
+    recent rows the hot query reads cluster in a few pages of the `traces` primary key.
+    """
+    ms = int((time.time() if created_at is None else created_at) * 1000) & ((1 << 48) - 1)
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms << 80) | (0x7 << 76) | ((rand >> 68) & 0xFFF) << 64 | (0b10 << 62) | (rand & ((1 << 62) - 1))
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def check_timestamp(name: str, value: object) -> float:
+    """Epoch seconds as a finite float; bools, strings, NaN and infinities are refused."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidTraceError(f"{name} must be a number of epoch seconds, got {type(value).__name__}")
+    as_float = float(value)
+    if not math.isfinite(as_float):
+        raise InvalidTraceError(f"{name} must be finite, got {value!r}")
+    return as_float
+
+
+def check_identifier(name: str, value: object) -> str:
+    """A non-empty str: ids and session ids are compared byte for byte, never coerced."""
+    if not isinstance(value, str):
+        raise InvalidTraceError(f"{name} must be a str, got {type(value).__name__}")
+    if not value:
+        raise InvalidTraceError(f"{name} must not be empty")
+    return value
+
+
+def _normalize_sessions(session_uids: Iterable[str]) -> tuple[str, ...]:
+    # A bare str is iterable too, and would silently become one session per character.
+    if isinstance(session_uids, str | bytes):
+        raise InvalidTraceError("session_uids must be an iterable of str, not a single string")
+    try:
+        uids = {check_identifier("session uid", uid) for uid in session_uids}
+    except TypeError as exc:
+        raise InvalidTraceError(f"session_uids must be an iterable of str: {exc}") from exc
+    # The junction table keeps no order, so the value type keeps a canonical one.
+    return tuple(sorted(uids))
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    """One trace: a JSON payload with metadata, timestamps and the sessions it belongs to.
+
+    `session_uids` is normalized to a sorted tuple without duplicates (the database stores a set),
+    so `store(t)` then `get(t.id) == t` holds exactly. `data` is validated as JSON when stored.
+    """
+
+    context_type: str
+    namespace: str
+    data: JSONValue
+    metadata: dict[str, Any] = field(default_factory=dict)
+    session_uids: tuple[str, ...] = ()
+    created_at: float = None  # type: ignore[assignment]  # filled in __post_init__
+    updated_at: float = None  # type: ignore[assignment]
+    id: str = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        check_identifier("context_type", self.context_type)
+        check_identifier("namespace", self.namespace)
+        if not isinstance(self.metadata, dict):
+            raise InvalidTraceError(f"metadata must be a dict, got {type(self.metadata).__name__}")
+        created = time.time() if self.created_at is None else check_timestamp("created_at", self.created_at)
+        updated = created if self.updated_at is None else check_timestamp("updated_at", self.updated_at)
+        trace_id = new_trace_id(created) if self.id is None else check_identifier("id", self.id)
+        set_field = object.__setattr__
+        set_field(self, "created_at", created)
+        set_field(self, "updated_at", updated)
+        set_field(self, "id", trace_id)
+        set_field(self, "session_uids", _normalize_sessions(self.session_uids))
+
+    @classmethod
+    def _from_db(
+        cls,
+        trace_id: str,
+        context_type: str,
+        namespace: str,
+        data: JSONValue,
+        metadata: dict[str, Any],
+        created_at: float,
+        updated_at: float,
+        session_uids: tuple[str, ...],
+    ) -> TraceContext:
+        """Build from a row the store wrote itself: already validated, so skip the checks (hot path)."""
+        self = object.__new__(cls)
+        set_field = object.__setattr__
+        set_field(self, "id", trace_id)
+        set_field(self, "context_type", context_type)
+        set_field(self, "namespace", namespace)
+        set_field(self, "data", data)
+        set_field(self, "metadata", metadata)
+        set_field(self, "created_at", created_at)
+        set_field(self, "updated_at", updated_at)
+        set_field(self, "session_uids", session_uids)
+        return self
