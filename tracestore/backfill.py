@@ -70,6 +70,7 @@ def backfill_sqlite(
     low = saved if saved is not None else 0
     if saved is not None:
         log.info("backfill: resuming after rowid %d", saved)
+    log.info("backfill: batch size %d", batch_size)
     report = BackfillReport()
     started = time.monotonic()
     total = connection.execute(

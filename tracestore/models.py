@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import (
-    Float,
-    ForeignKey,
-    Index,
-    MetaData,
-    Text,
-    text,
-)
+from sqlalchemy import REAL, Double, ForeignKey, Index, MetaData, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Names for constraints the legacy schema left anonymous, so Alembic can address them on every backend.
@@ -24,6 +17,10 @@ NAMING_CONVENTION = {
 # The one index the hot query needs. It carries the whole sort key (created_at DESC, trace_id DESC):
 # without trace_id the tie-break brings back "USE TEMP B-TREE FOR RIGHT PART OF ORDER BY", and with
 # it the junction side of the join is a covering index scan.
+# Epoch seconds: REAL (8-byte IEEE) in SQLite, as the legacy schema declares it; DOUBLE elsewhere
+# (PostgreSQL's REAL is a 4-byte float and would lose sub-second precision).
+EpochSeconds = Double().with_variant(REAL(), "sqlite")
+
 SESSION_TIME_INDEX = "idx_trace_sessions_uid_time"
 # (column, descending) in index order; the migration and the schema check use the same definition.
 SESSION_TIME_INDEX_COLUMNS: tuple[tuple[str, bool], ...] = (
@@ -47,14 +44,17 @@ class Trace(Base):
         Index("idx_traces_namespace", "namespace"),
     )
 
-    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    # The legacy DDL says `id TEXT PRIMARY KEY` without NOT NULL, which SQLite takes literally. Adding
+    # NOT NULL means rebuilding the biggest table; the store never writes a NULL id, so the model
+    # states the column as it is and `alembic check` stays meaningful on adopted databases.
+    id: Mapped[str] = mapped_column(Text, primary_key=True, nullable=True)
     context_type: Mapped[str] = mapped_column(Text)
     namespace: Mapped[str] = mapped_column(Text)
     data: Mapped[str] = mapped_column(Text)
     # `metadata` is Declarative's own attribute, hence the trailing underscore.
     metadata_: Mapped[str | None] = mapped_column("metadata", Text, server_default=text("'{}'"))
-    created_at: Mapped[float] = mapped_column(Float)
-    updated_at: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(EpochSeconds)
+    updated_at: Mapped[float] = mapped_column(EpochSeconds)
 
 
 class TraceSession(Base):
@@ -75,4 +75,4 @@ class TraceSession(Base):
     # Nullable on purpose: SQLite cannot add NOT NULL to an existing column without rebuilding the
     # table (hours at 100 GB, and a cascade hazard), and writers of the previous release insert
     # links without it during a rolling deploy. The store always fills it; the migration backfills it.
-    created_at: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[float | None] = mapped_column(EpochSeconds)

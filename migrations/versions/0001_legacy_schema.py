@@ -12,6 +12,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context, op
 
+from tracestore.models import EpochSeconds
 from tracestore.schema import index_names, table_names
 
 revision = "0001"
@@ -34,13 +35,13 @@ def upgrade() -> None:
     if "traces" not in existing:
         op.create_table(
             "traces",
-            sa.Column("id", sa.Text, primary_key=True),
+            sa.Column("id", sa.Text, primary_key=True, nullable=True),  # as the legacy DDL: no NOT NULL
             sa.Column("context_type", sa.Text, nullable=False),
             sa.Column("namespace", sa.Text, nullable=False),
             sa.Column("data", sa.Text, nullable=False),
             sa.Column("metadata", sa.Text, server_default=sa.text("'{}'")),
-            sa.Column("created_at", sa.Float, nullable=False),
-            sa.Column("updated_at", sa.Float, nullable=False),
+            sa.Column("created_at", EpochSeconds, nullable=False),
+            sa.Column("updated_at", EpochSeconds, nullable=False),
         )
     if "trace_sessions" not in existing:
         op.create_table(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from tracestore.models import EpochSeconds
 from tracestore.schema import column_names, index_names
 
 revision = "0002"
@@ -23,7 +24,7 @@ depends_on = None
 def upgrade() -> None:
     # A database that ran the spec's hand-written migration may already have the column.
     if "created_at" not in column_names(op.get_bind(), "trace_sessions"):
-        op.add_column("trace_sessions", sa.Column("created_at", sa.Float, nullable=True))
+        op.add_column("trace_sessions", sa.Column("created_at", EpochSeconds, nullable=True))
 
 
 def downgrade() -> None:
