@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from tracestore.engine import configure_async_engine, create_async_engine
+from tracestore.engine import SINGLE_STATEMENT_READ, WRITE, configure_async_engine, create_async_engine
 from tracestore.errors import StorageError
 from tracestore.migrate import ensure_head
 from tracestore.queries import Statements, explain_statement, query_statement, statements_for
@@ -41,7 +41,8 @@ class AsyncTraceStore:
         )
         self._engine = engine
         self._owned = owned
-        self._write_engine = engine.execution_options(tracestore_write=True)
+        self._write_engine = engine.execution_options(**{WRITE: True})
+        self._read_engine = engine.execution_options(**{SINGLE_STATEMENT_READ: True})
         self._sql: Statements = statements_for(engine.dialect.name)
         self._auto_upgrade = auto_upgrade
         self._ready = False
@@ -144,7 +145,7 @@ class AsyncTraceStore:
         if not self._ready:
             await self.open()
         try:
-            async with self._engine.connect() as conn:
+            async with self._read_engine.connect() as conn:
                 if plan_log.isEnabledFor(logging.DEBUG):
                     plan_log.debug("plan:\n  %s", "\n  ".join(await _plan(conn, stmt, params)))
                 return (await conn.execute(stmt, params)).all()  # type: ignore[return-value]

@@ -27,6 +27,7 @@ class WriteBatch:
         for trace in traces:
             if not isinstance(trace, TraceContext):
                 raise InvalidTraceError(f"expected a TraceContext, got {type(trace).__name__}")
+            trace.validate()  # fields may have been reassigned since construction
             self.trace_params.append(
                 {
                     "id": trace.id,

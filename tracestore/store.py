@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from tracestore.engine import configure_engine, create_engine
+from tracestore.engine import SINGLE_STATEMENT_READ, WRITE, configure_engine, create_engine
 from tracestore.errors import StorageError
 from tracestore.migrate import ensure_head
 from tracestore.queries import Statements, explain_statement, query_statement, statements_for
@@ -35,8 +35,10 @@ class TraceStore:
         engine = create_engine(url_or_engine) if isinstance(url_or_engine, str) else configure_engine(url_or_engine)
         self._engine = engine
         self._owned = owned
-        # Connections from this view BEGIN IMMEDIATE: writers queue on the lock instead of failing.
-        self._write_engine = engine.execution_options(tracestore_write=True)
+        # Engine views (shared pool): writes BEGIN IMMEDIATE so writers queue on the lock instead of
+        # failing; reads are single statements, each its own snapshot (see engine._on_begin).
+        self._write_engine = engine.execution_options(**{WRITE: True})
+        self._read_engine = engine.execution_options(**{SINGLE_STATEMENT_READ: True})
         self._sql: Statements = statements_for(engine.dialect.name)
         try:
             ensure_head(engine, auto_upgrade=auto_upgrade)
@@ -130,7 +132,7 @@ class TraceStore:
 
     def _fetch(self, stmt: Any, params: dict[str, Any]) -> list[Any]:
         try:
-            with self._engine.connect() as conn:
+            with self._read_engine.connect() as conn:
                 if plan_log.isEnabledFor(logging.DEBUG):
                     plan_log.debug("plan:\n  %s", "\n  ".join(_plan(conn, stmt, params)))
                 return conn.execute(stmt, params).all()  # type: ignore[return-value]
