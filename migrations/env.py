@@ -14,12 +14,12 @@ from logging.config import fileConfig
 from typing import Any
 
 from alembic import context
+from alembic.operations import ops
+from alembic.util import CommandError
 from sqlalchemy import Connection
 from sqlalchemy.engine import make_url
 
 from tracestore.engine import create_async_engine, create_engine
-from alembic.operations import ops
-from alembic.util import CommandError
 from tracestore.models import SESSION_TIME_INDEX, Base
 from tracestore.schema import foreign_keys_off, session_index_drift
 

@@ -15,10 +15,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tracestore.engine import SINGLE_STATEMENT_READ, WRITE, configure_async_engine, create_async_engine
-from tracestore.errors import StorageError
 from tracestore.migrate import ensure_head
-from tracestore.queries import Statements, explain_statement, query_statement, statements_for
-from tracestore.rows import WriteBatch, check_query_args, check_trace_id, decode_row, decode_rows
+from tracestore.queries import Statements, explain_statement, statements_for
+from tracestore.rows import WriteBatch, check_trace_id, decode_row, decode_rows, prepare_query, storage_error
 from tracestore.types import TraceContext
 
 plan_log = logging.getLogger("tracestore.plan")
@@ -61,7 +60,7 @@ class AsyncTraceStore:
                 async with self._engine.connect() as conn:
                     await conn.run_sync(lambda sync_conn: ensure_head(sync_conn, auto_upgrade=self._auto_upgrade))
             except SQLAlchemyError as exc:
-                raise StorageError(f"cannot open {self._engine.url!r}: {exc.orig or exc}") from exc
+                raise storage_error(f"cannot open {self._engine.url!r}", exc) from exc
             self._ready = True
 
     # -- writes -----------------------------------------------------------------------------------
@@ -81,7 +80,7 @@ class AsyncTraceStore:
                 if batch.link_params:
                     await conn.execute(self._sql.insert_link, batch.link_params)
         except SQLAlchemyError as exc:
-            raise StorageError(f"store failed, nothing of the batch was written: {exc.orig or exc}") from exc
+            raise storage_error("store failed, nothing of the batch was written", exc) from exc
 
     async def delete(self, trace_id: str) -> bool:
         params = {"id": check_trace_id(trace_id)}
@@ -91,7 +90,7 @@ class AsyncTraceStore:
             async with self._write_engine.begin() as conn:
                 return bool((await conn.execute(self._sql.delete_trace, params)).rowcount)
         except SQLAlchemyError as exc:
-            raise StorageError(f"delete failed: {exc.orig or exc}") from exc
+            raise storage_error("delete failed", exc) from exc
 
     # -- reads ------------------------------------------------------------------------------------
     async def get(self, trace_id: str) -> TraceContext | None:
@@ -114,32 +113,28 @@ class AsyncTraceStore:
         until: float | None = None,
         limit: int | None = None,
     ) -> list[TraceContext]:
-        args = {
-            "session_uid": session_uid,
-            "namespace": namespace,
-            "context_type": context_type,
-            "since": since,
-            "until": until,
-            "limit": limit,
-        }
-        check_query_args(**args)
-        stmt, params = query_statement(self._sql, **args)
+        stmt, params = prepare_query(
+            self._sql,
+            session_uid=session_uid,
+            namespace=namespace,
+            context_type=context_type,
+            since=since,
+            until=until,
+            limit=limit,
+        )
         return decode_rows(await self._fetch(stmt, params))
 
     async def explain(
         self, session_uid: str, since: float | None = None, limit: int | None = None, **filters: Any
     ) -> list[str]:
-        args = {"session_uid": session_uid, "since": since, "limit": limit, "namespace": None,
-                "context_type": None, "until": None, **filters}
-        check_query_args(**args)
-        stmt, params = query_statement(self._sql, **args)
+        stmt, params = prepare_query(self._sql, session_uid=session_uid, since=since, limit=limit, **filters)
         if not self._ready:
             await self.open()
         try:
             async with self._engine.connect() as conn:
                 return await _plan(conn, stmt, params)
         except SQLAlchemyError as exc:
-            raise StorageError(f"explain failed: {exc.orig or exc}") from exc
+            raise storage_error("explain failed", exc) from exc
 
     async def _fetch(self, stmt: Any, params: dict[str, Any]) -> list[Any]:
         if not self._ready:
@@ -150,7 +145,7 @@ class AsyncTraceStore:
                     plan_log.debug("plan:\n  %s", "\n  ".join(await _plan(conn, stmt, params)))
                 return (await conn.execute(stmt, params)).all()  # type: ignore[return-value]
         except SQLAlchemyError as exc:
-            raise StorageError(f"query failed: {exc.orig or exc}") from exc
+            raise storage_error("query failed", exc) from exc
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def close(self) -> None:
@@ -169,5 +164,5 @@ class AsyncTraceStore:
 
 async def _plan(conn: AsyncConnection, stmt: Any, params: dict[str, Any]) -> list[str]:
     sql, driver_params = explain_statement(stmt, params, conn.dialect)
-    rows = (await conn.exec_driver_sql(sql, driver_params)).all()  # type: ignore[arg-type]
+    rows = (await conn.exec_driver_sql(sql, driver_params)).all()
     return [str(row[-1]) for row in rows]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import REAL, Double, ForeignKey, Index, MetaData, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeEngine
 
 # Names for constraints the legacy schema left anonymous, so Alembic can address them on every backend.
 NAMING_CONVENTION = {
@@ -19,7 +20,7 @@ NAMING_CONVENTION = {
 # it the junction side of the join is a covering index scan.
 # Epoch seconds: REAL (8-byte IEEE) in SQLite, as the legacy schema declares it; DOUBLE elsewhere
 # (PostgreSQL's REAL is a 4-byte float and would lose sub-second precision).
-EpochSeconds = Double().with_variant(REAL(), "sqlite")
+EpochSeconds: TypeEngine[float] = Double().with_variant(REAL(), "sqlite")
 
 SESSION_TIME_INDEX = "idx_trace_sessions_uid_time"
 # (column, descending) in index order; the migration and the schema check use the same definition.

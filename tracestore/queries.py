@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Delete, Select, Update, bindparam, delete, func, select, update
+from sqlalchemy import ColumnElement, Delete, Select, Table, Update, bindparam, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.dml import Insert
 
 from tracestore.models import Trace, TraceSession
 
-traces = Trace.__table__
-links = TraceSession.__table__
+traces = cast(Table, Trace.__table__)
+links = cast(Table, TraceSession.__table__)
 
 
 def _insert(dialect_name: str) -> Any:
@@ -194,8 +194,10 @@ def query_statement(
     return statements.session_traces(**flags), params
 
 
-def explain_statement(stmt: Any, params: dict[str, Any], dialect: Any) -> tuple[str, tuple[Any, ...] | dict[str, Any]]:
-    """The planner's view of `stmt`: EXPLAIN QUERY PLAN on SQLite, EXPLAIN elsewhere, with driver parameters."""
+def explain_statement(
+    stmt: Any, params: dict[str, Any], dialect: Any
+) -> tuple[str, tuple[Any, ...] | dict[str, Any]]:
+    """The planner's view of `stmt` (EXPLAIN QUERY PLAN on SQLite, EXPLAIN elsewhere) and driver parameters."""
     compiled = stmt.compile(dialect=dialect)
     prefix = "EXPLAIN QUERY PLAN " if dialect.name == "sqlite" else "EXPLAIN "
     values = compiled.construct_params(params)

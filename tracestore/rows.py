@@ -7,8 +7,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
+from sqlalchemy import Select
+from sqlalchemy.exc import SQLAlchemyError
 
 from tracestore.errors import InvalidQueryError, InvalidTraceError, StorageError
+from tracestore.queries import Statements, query_statement
 from tracestore.types import TraceContext
 
 _loads = orjson.loads
@@ -85,7 +88,8 @@ def check_query_args(
     limit: int | None,
 ) -> None:
     """Refuse arguments that would silently return a wrong answer."""
-    for name, value in (("session_uid", session_uid), ("namespace", namespace), ("context_type", context_type)):
+    names = (("session_uid", session_uid), ("namespace", namespace), ("context_type", context_type))
+    for name, value in names:
         if value is not None and (not isinstance(value, str) or not value):
             raise InvalidQueryError(f"{name} must be a non-empty str, got {value!r}")
     for name, bound in (("since", since), ("until", until)):
@@ -101,3 +105,31 @@ def check_trace_id(trace_id: object) -> str:
     if not isinstance(trace_id, str) or not trace_id:
         raise InvalidQueryError(f"trace_id must be a non-empty str, got {trace_id!r}")
     return trace_id
+
+
+def prepare_query(
+    statements: Statements,
+    *,
+    session_uid: str | None = None,
+    namespace: str | None = None,
+    context_type: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    limit: int | None = None,
+) -> tuple[Select[Any], dict[str, Any]]:
+    """Validate query arguments, then pick the prebuilt statement and its parameters."""
+    args: dict[str, Any] = {
+        "session_uid": session_uid,
+        "namespace": namespace,
+        "context_type": context_type,
+        "since": since,
+        "until": until,
+        "limit": limit,
+    }
+    check_query_args(**args)
+    return query_statement(statements, **args)
+
+
+def storage_error(action: str, exc: SQLAlchemyError) -> StorageError:
+    """A StorageError naming what failed and the driver's own reason (chain it with `from exc`)."""
+    return StorageError(f"{action}: {getattr(exc, 'orig', None) or exc}")

@@ -11,10 +11,9 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from tracestore.engine import SINGLE_STATEMENT_READ, WRITE, configure_engine, create_engine
-from tracestore.errors import StorageError
 from tracestore.migrate import ensure_head
-from tracestore.queries import Statements, explain_statement, query_statement, statements_for
-from tracestore.rows import WriteBatch, check_query_args, check_trace_id, decode_row, decode_rows
+from tracestore.queries import Statements, explain_statement, statements_for
+from tracestore.rows import WriteBatch, check_trace_id, decode_row, decode_rows, prepare_query, storage_error
 from tracestore.types import TraceContext
 
 plan_log = logging.getLogger("tracestore.plan")
@@ -32,7 +31,10 @@ class TraceStore:
 
     def __init__(self, url_or_engine: str | Engine = DEFAULT_URL, *, auto_upgrade: bool = True) -> None:
         owned = not isinstance(url_or_engine, Engine)
-        engine = create_engine(url_or_engine) if isinstance(url_or_engine, str) else configure_engine(url_or_engine)
+        if isinstance(url_or_engine, str):
+            engine = create_engine(url_or_engine)
+        else:
+            engine = configure_engine(url_or_engine)
         self._engine = engine
         self._owned = owned
         # Engine views (shared pool): writes BEGIN IMMEDIATE so writers queue on the lock instead of
@@ -44,7 +46,7 @@ class TraceStore:
             ensure_head(engine, auto_upgrade=auto_upgrade)
         except SQLAlchemyError as exc:
             self.close()
-            raise StorageError(f"cannot open {engine.url!r}: {exc.orig or exc}") from exc
+            raise storage_error(f"cannot open {engine.url!r}", exc) from exc
         except BaseException:
             self.close()
             raise
@@ -70,7 +72,7 @@ class TraceStore:
                 if batch.link_params:
                     conn.execute(self._sql.insert_link, batch.link_params)
         except SQLAlchemyError as exc:
-            raise StorageError(f"store failed, nothing of the batch was written: {exc.orig or exc}") from exc
+            raise storage_error("store failed, nothing of the batch was written", exc) from exc
 
     def delete(self, trace_id: str) -> bool:
         """Delete a trace and its session links; False if there was no such trace."""
@@ -79,7 +81,7 @@ class TraceStore:
             with self._write_engine.begin() as conn:
                 return bool(conn.execute(self._sql.delete_trace, params).rowcount)
         except SQLAlchemyError as exc:
-            raise StorageError(f"delete failed: {exc.orig or exc}") from exc
+            raise storage_error("delete failed", exc) from exc
 
     # -- reads ------------------------------------------------------------------------------------
     def get(self, trace_id: str) -> TraceContext | None:
@@ -90,7 +92,7 @@ class TraceStore:
     def get_by_session_uid(
         self, session_uid: str, since: float | None = None, limit: int | None = None
     ) -> list[TraceContext]:
-        """The session's traces with created_at >= since, newest first (ties: id descending), at most `limit`."""
+        """The session's traces with created_at >= since, newest first (ties: id descending)."""
         return self.query(session_uid=session_uid, since=since, limit=limit)
 
     def query(
@@ -104,31 +106,27 @@ class TraceStore:
         limit: int | None = None,
     ) -> list[TraceContext]:
         """Traces matching every given filter, newest first; `since` inclusive, `until` exclusive."""
-        args = {
-            "session_uid": session_uid,
-            "namespace": namespace,
-            "context_type": context_type,
-            "since": since,
-            "until": until,
-            "limit": limit,
-        }
-        check_query_args(**args)
-        stmt, params = query_statement(self._sql, **args)
+        stmt, params = prepare_query(
+            self._sql,
+            session_uid=session_uid,
+            namespace=namespace,
+            context_type=context_type,
+            since=since,
+            until=until,
+            limit=limit,
+        )
         return decode_rows(self._fetch(stmt, params))
 
     def explain(
         self, session_uid: str, since: float | None = None, limit: int | None = None, **filters: Any
     ) -> list[str]:
         """The query plan of query(session_uid=..., ...), one line per plan step."""
-        args = {"session_uid": session_uid, "since": since, "limit": limit, "namespace": None,
-                "context_type": None, "until": None, **filters}
-        check_query_args(**args)
-        stmt, params = query_statement(self._sql, **args)
+        stmt, params = prepare_query(self._sql, session_uid=session_uid, since=since, limit=limit, **filters)
         try:
             with self._engine.connect() as conn:
                 return _plan(conn, stmt, params)
         except SQLAlchemyError as exc:
-            raise StorageError(f"explain failed: {exc.orig or exc}") from exc
+            raise storage_error("explain failed", exc) from exc
 
     def _fetch(self, stmt: Any, params: dict[str, Any]) -> list[Any]:
         try:
@@ -137,7 +135,7 @@ class TraceStore:
                     plan_log.debug("plan:\n  %s", "\n  ".join(_plan(conn, stmt, params)))
                 return conn.execute(stmt, params).all()  # type: ignore[return-value]
         except SQLAlchemyError as exc:
-            raise StorageError(f"query failed: {exc.orig or exc}") from exc
+            raise storage_error("query failed", exc) from exc
 
     # -- lifecycle --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -156,5 +154,5 @@ class TraceStore:
 
 def _plan(conn: Connection, stmt: Any, params: dict[str, Any]) -> list[str]:
     sql, driver_params = explain_statement(stmt, params, conn.dialect)
-    rows = conn.exec_driver_sql(sql, driver_params).all()  # type: ignore[arg-type]
+    rows = conn.exec_driver_sql(sql, driver_params).all()
     return [str(row[-1]) for row in rows]
