@@ -28,7 +28,8 @@ def test_wheel_installs_and_upgrades_a_database(tmp_path: Path) -> None:
     assert "tracestore/py.typed" in names
     assert "tracestore/migrations/env.py" in names
     assert "tracestore/migrations/script.py.mako" in names
-    assert {f"tracestore/migrations/versions/{n}" for n in ("0001_legacy_schema.py", "0003_backfill_junction_created_at.py")} <= names
+    versions = ("0001_legacy_schema.py", "0003_backfill_junction_created_at.py")
+    assert {f"tracestore/migrations/versions/{name}" for name in versions} <= names
 
     venv = tmp_path / "venv"
     run(sys.executable, "-m", "venv", venv, cwd=tmp_path)

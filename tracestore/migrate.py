@@ -67,7 +67,7 @@ def upgrade(
     batch_size: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Upgrade a database (URL, Engine or idle Connection) to `revision`; returns the revisions' reports (backfill, index)."""
+    """Upgrade a database (URL, Engine or idle Connection) to `revision`; returns the revisions' reports."""
     attributes: dict[str, Any] = {"on_progress": on_progress}
     if batch_size is not None:
         attributes["batch_size"] = batch_size

@@ -31,10 +31,9 @@ class TraceStore:
 
     def __init__(self, url_or_engine: str | Engine = DEFAULT_URL, *, auto_upgrade: bool = True) -> None:
         owned = not isinstance(url_or_engine, Engine)
-        if isinstance(url_or_engine, str):
-            engine = create_engine(url_or_engine)
-        else:
-            engine = configure_engine(url_or_engine)
+        engine = (
+            create_engine(url_or_engine) if isinstance(url_or_engine, str) else configure_engine(url_or_engine)
+        )
         self._engine = engine
         self._owned = owned
         # Engine views (shared pool): writes BEGIN IMMEDIATE so writers queue on the lock instead of
