@@ -27,13 +27,20 @@ class WriteBatch:
         self.trace_params: list[dict[str, Any]] = []
         self.move_params: list[dict[str, Any]] = []
         self.link_params: list[dict[str, Any]] = []
+        # The same id twice in one batch behaves like two store() calls: the last one's fields win
+        # and the sessions add up, all stamped with the final created_at.
+        latest: dict[str, TraceContext] = {}
+        sessions: dict[str, set[str]] = {}
         for trace in traces:
             if not isinstance(trace, TraceContext):
                 raise InvalidTraceError(f"expected a TraceContext, got {type(trace).__name__}")
             trace.validate()  # fields may have been reassigned since construction
+            latest[trace.id] = trace
+            sessions.setdefault(trace.id, set()).update(trace.session_uids)
+        for trace_id, trace in latest.items():
             self.trace_params.append(
                 {
-                    "id": trace.id,
+                    "id": trace_id,
                     "context_type": trace.context_type,
                     "namespace": trace.namespace,
                     "data": _dumps("data", trace),
@@ -42,10 +49,10 @@ class WriteBatch:
                     "updated_at": trace.updated_at,
                 }
             )
-            self.move_params.append({"link_trace_id": trace.id, "link_created_at": trace.created_at})
+            self.move_params.append({"link_trace_id": trace_id, "link_created_at": trace.created_at})
             self.link_params.extend(
-                {"trace_id": trace.id, "session_uid": uid, "created_at": trace.created_at}
-                for uid in trace.session_uids
+                {"trace_id": trace_id, "session_uid": uid, "created_at": trace.created_at}
+                for uid in sorted(sessions[trace_id])
             )
 
 
