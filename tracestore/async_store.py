@@ -17,7 +17,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tracestore.engine import SINGLE_STATEMENT_READ, WRITE, configure_async_engine, create_async_engine
 from tracestore.migrate import ensure_head
 from tracestore.queries import Statements, explain_statement, statements_for
-from tracestore.rows import WriteBatch, check_trace_id, decode_row, decode_rows, prepare_query, storage_error
+from tracestore.rows import (
+    WriteBatch,
+    check_query_string,
+    check_trace_id,
+    decode_row,
+    decode_rows,
+    prepare_query,
+    storage_error,
+)
 from tracestore.types import TraceContext
 
 plan_log = logging.getLogger("tracestore.plan")
@@ -51,8 +59,8 @@ class AsyncTraceStore:
     def engine(self) -> AsyncEngine:
         return self._engine
 
-    async def open(self) -> None:
-        """Check (or upgrade) the schema once; called by `async with` and by the first operation."""
+    async def _open(self) -> None:
+        """Check (or upgrade) the schema once: on `async with` or the first operation (__init__ cannot await)."""
         async with self._opening:
             if self._ready:
                 return
@@ -72,7 +80,7 @@ class AsyncTraceStore:
         if not batch.trace_params:
             return
         if not self._ready:
-            await self.open()
+            await self._open()
         try:
             async with self._write_engine.begin() as conn:
                 await conn.execute(self._sql.upsert_trace, batch.trace_params)
@@ -85,7 +93,7 @@ class AsyncTraceStore:
     async def delete(self, trace_id: str) -> bool:
         params = {"id": check_trace_id(trace_id)}
         if not self._ready:
-            await self.open()
+            await self._open()
         try:
             async with self._write_engine.begin() as conn:
                 return bool((await conn.execute(self._sql.delete_trace, params)).rowcount)
@@ -101,6 +109,7 @@ class AsyncTraceStore:
     async def get_by_session_uid(
         self, session_uid: str, since: float | None = None, limit: int | None = None
     ) -> list[TraceContext]:
+        check_query_string("session_uid", session_uid)  # None here would mean "every session"
         return await self.query(session_uid=session_uid, since=since, limit=limit)
 
     async def query(
@@ -127,9 +136,10 @@ class AsyncTraceStore:
     async def explain(
         self, session_uid: str, since: float | None = None, limit: int | None = None, **filters: Any
     ) -> list[str]:
+        check_query_string("session_uid", session_uid)
         stmt, params = prepare_query(self._sql, session_uid=session_uid, since=since, limit=limit, **filters)
         if not self._ready:
-            await self.open()
+            await self._open()
         try:
             async with self._engine.connect() as conn:
                 return await _plan(conn, stmt, params)
@@ -138,7 +148,7 @@ class AsyncTraceStore:
 
     async def _fetch(self, stmt: Any, params: dict[str, Any]) -> list[Any]:
         if not self._ready:
-            await self.open()
+            await self._open()
         try:
             async with self._read_engine.connect() as conn:
                 if plan_log.isEnabledFor(logging.DEBUG):
@@ -153,7 +163,7 @@ class AsyncTraceStore:
             await self._engine.dispose()
 
     async def __aenter__(self) -> AsyncTraceStore:
-        await self.open()
+        await self._open()
         return self
 
     async def __aexit__(

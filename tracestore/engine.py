@@ -79,9 +79,10 @@ def configure_async_engine(engine: AsyncEngine) -> AsyncEngine:
 def _check_url(url: str, *, want_async: bool) -> None:
     try:
         parsed = make_url(url)
-    except Exception as exc:  # sqlalchemy raises ArgumentError for malformed URLs
-        raise StorageError(f"not a database URL: {url!r} ({exc})") from exc
-    if parsed.get_dialect().is_async != want_async:
+        is_async = parsed.get_dialect().is_async
+    except Exception as exc:  # ArgumentError for malformed URLs, NoSuchModuleError for unknown dialects
+        raise StorageError(f"not a usable database URL: {url!r} ({exc})") from exc
+    if is_async != want_async:
         kind = "an async driver (e.g. sqlite+aiosqlite://)" if want_async else "a sync driver (e.g. sqlite://)"
         raise StorageError(f"{url!r} needs {kind} here")
 

@@ -12,7 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from tracestore.errors import InvalidQueryError, InvalidTraceError, StorageError
 from tracestore.queries import Statements, query_statement
-from tracestore.types import TraceContext
+from tracestore.types import TraceContext, check_identifier
 
 _loads = orjson.loads
 _from_db = TraceContext._from_db
@@ -29,38 +29,47 @@ class WriteBatch:
         self.link_params: list[dict[str, Any]] = []
         # The same id twice in one batch behaves like two store() calls: the last one's fields win
         # and the sessions add up, all stamped with the final created_at.
-        latest: dict[str, TraceContext] = {}
+        rows: dict[str, dict[str, Any]] = {}
         sessions: dict[str, set[str]] = {}
         for trace in traces:
             if not isinstance(trace, TraceContext):
                 raise InvalidTraceError(f"expected a TraceContext, got {type(trace).__name__}")
             trace.validate()  # fields may have been reassigned since construction
-            latest[trace.id] = trace
+            # Encoded before de-duplication, so a bad entry fails even when a later one shares its id.
+            rows[trace.id] = {
+                "id": trace.id,
+                "context_type": trace.context_type,
+                "namespace": trace.namespace,
+                "data": _dumps("data", trace),
+                "metadata": _dumps("metadata", trace),
+                "created_at": trace.created_at,
+                "updated_at": trace.updated_at,
+            }
             sessions.setdefault(trace.id, set()).update(trace.session_uids)
-        for trace_id, trace in latest.items():
-            self.trace_params.append(
-                {
-                    "id": trace_id,
-                    "context_type": trace.context_type,
-                    "namespace": trace.namespace,
-                    "data": _dumps("data", trace),
-                    "metadata": _dumps("metadata", trace),
-                    "created_at": trace.created_at,
-                    "updated_at": trace.updated_at,
-                }
-            )
-            self.move_params.append({"link_trace_id": trace_id, "link_created_at": trace.created_at})
+        for trace_id, row in rows.items():
+            created_at = row["created_at"]
+            self.trace_params.append(row)
+            self.move_params.append({"link_trace_id": trace_id, "link_created_at": created_at})
             self.link_params.extend(
-                {"trace_id": trace_id, "session_uid": uid, "created_at": trace.created_at}
+                {"trace_id": trace_id, "session_uid": uid, "created_at": created_at}
                 for uid in sorted(sessions[trace_id])
             )
 
 
 def _dumps(field_name: str, trace: TraceContext) -> str:
+    value = getattr(trace, field_name)
     try:
-        return orjson.dumps(getattr(trace, field_name)).decode()
+        encoded = orjson.dumps(value)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise InvalidTraceError(f"trace {trace.id!r}: {field_name} is not JSON-serializable: {exc}") from exc
+    # orjson quietly turns NaN/inf into null, datetimes/UUIDs into strings, tuples into lists, dataclasses
+    # into dicts: refuse what would not come back equal, so get(t.id) == t always holds.
+    if _loads(encoded) != value:
+        raise InvalidTraceError(
+            f"trace {trace.id!r}: {field_name} would not survive a JSON round trip "
+            "(NaN/inf, tuples, datetimes, UUIDs or other non-JSON values); convert it to plain JSON types"
+        )
+    return encoded.decode()
 
 
 def decode_row(row: Sequence[Any]) -> TraceContext:
@@ -97,21 +106,36 @@ def check_query_args(
     """Refuse arguments that would silently return a wrong answer."""
     names = (("session_uid", session_uid), ("namespace", namespace), ("context_type", context_type))
     for name, value in names:
-        if value is not None and (not isinstance(value, str) or not value):
-            raise InvalidQueryError(f"{name} must be a non-empty str, got {value!r}")
+        if value is not None:
+            check_query_string(name, value)
     for name, bound in (("since", since), ("until", until)):
-        if bound is not None and (
-            isinstance(bound, bool) or not isinstance(bound, int | float) or not math.isfinite(bound)
-        ):
-            raise InvalidQueryError(f"{name} must be finite epoch seconds, got {bound!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-        raise InvalidQueryError(f"limit must be a positive int, got {limit!r}")
+        if bound is not None:
+            try:
+                valid = not isinstance(bound, bool) and isinstance(bound, int | float) and math.isfinite(bound)
+            except OverflowError:  # an int beyond float range
+                valid = False
+            if not valid:
+                raise InvalidQueryError(f"{name} must be finite epoch seconds, got {bound!r}")
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= MAX_LIMIT
+    ):
+        raise InvalidQueryError(f"limit must be an int between 1 and {MAX_LIMIT}, got {limit!r}")
+
+
+MAX_LIMIT = 2**63 - 1  # SQLite binds LIMIT as a signed 64-bit integer
+
+
+def check_query_string(name: str, value: object) -> str:
+    """A non-empty str that SQLite can bind (lone surrogates cannot be encoded as UTF-8)."""
+    try:
+        check_identifier(name, value)
+    except InvalidTraceError as exc:
+        raise InvalidQueryError(str(exc)) from None
+    return value  # type: ignore[return-value]
 
 
 def check_trace_id(trace_id: object) -> str:
-    if not isinstance(trace_id, str) or not trace_id:
-        raise InvalidQueryError(f"trace_id must be a non-empty str, got {trace_id!r}")
-    return trace_id
+    return check_query_string("trace_id", trace_id)
 
 
 def prepare_query(

@@ -13,7 +13,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from tracestore.engine import SINGLE_STATEMENT_READ, WRITE, configure_engine, create_engine
 from tracestore.migrate import ensure_head
 from tracestore.queries import Statements, explain_statement, statements_for
-from tracestore.rows import WriteBatch, check_trace_id, decode_row, decode_rows, prepare_query, storage_error
+from tracestore.rows import (
+    WriteBatch,
+    check_query_string,
+    check_trace_id,
+    decode_row,
+    decode_rows,
+    prepare_query,
+    storage_error,
+)
 from tracestore.types import TraceContext
 
 plan_log = logging.getLogger("tracestore.plan")
@@ -92,6 +100,7 @@ class TraceStore:
         self, session_uid: str, since: float | None = None, limit: int | None = None
     ) -> list[TraceContext]:
         """The session's traces with created_at >= since, newest first (ties: id descending)."""
+        check_query_string("session_uid", session_uid)  # None here would mean "every session"
         return self.query(session_uid=session_uid, since=since, limit=limit)
 
     def query(
@@ -120,6 +129,7 @@ class TraceStore:
         self, session_uid: str, since: float | None = None, limit: int | None = None, **filters: Any
     ) -> list[str]:
         """The query plan of query(session_uid=..., ...), one line per plan step."""
+        check_query_string("session_uid", session_uid)
         stmt, params = prepare_query(self._sql, session_uid=session_uid, since=since, limit=limit, **filters)
         try:
             with self._engine.connect() as conn:

@@ -31,7 +31,10 @@ def check_timestamp(name: str, value: object) -> float:
     """Epoch seconds as a finite float; bools, strings, NaN and infinities are refused."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidTraceError(f"{name} must be a number of epoch seconds, got {type(value).__name__}")
-    as_float = float(value)
+    try:
+        as_float = float(value)
+    except OverflowError:  # an int beyond float range
+        raise InvalidTraceError(f"{name} is out of range: {value!r}") from None
     if not math.isfinite(as_float):
         raise InvalidTraceError(f"{name} must be finite, got {value!r}")
     return as_float
@@ -43,6 +46,10 @@ def check_identifier(name: str, value: object) -> str:
         raise InvalidTraceError(f"{name} must be a str, got {type(value).__name__}")
     if not value:
         raise InvalidTraceError(f"{name} must not be empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates: SQLite stores UTF-8 only
+        raise InvalidTraceError(f"{name} is not valid Unicode text: {exc.reason} at {exc.start}") from None
     return value
 
 

@@ -1,0 +1,874 @@
+"""TraceStore against real SQLite files: query semantics vs brute-force oracles, writes, errors, connections."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import logging
+import math
+import os
+import random
+import sqlite3
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.legacy import create_legacy_db
+from tests.oracle import dump_db, junction_drift, merge_restore, oracle_query, sql_oracle_query
+from tests.oracle import make_trace as make
+from tracestore import (
+    InvalidQueryError,
+    InvalidTraceError,
+    SchemaOutOfDateError,
+    StorageError,
+    TraceContext,
+    TraceStore,
+    migrate,
+)
+
+T0 = 1_700_000_000.0
+
+
+def links(db_path: Path, trace_id: str) -> list[tuple[str, float | None]]:
+    connection = sqlite3.connect(db_path)
+    try:
+        rows = connection.execute(
+            "SELECT session_uid, created_at FROM trace_sessions WHERE trace_id = ? ORDER BY session_uid",
+            (trace_id,),
+        )
+        return rows.fetchall()
+    finally:
+        connection.close()
+
+
+def assert_matches_oracles(store: TraceStore, db_path: Path, traces: list[TraceContext], **args: Any) -> None:
+    expected = oracle_query(traces, **args)
+    assert store.query(**args) == expected, args
+    assert sql_oracle_query(db_path, **args) == expected, args
+
+
+# -- round trip -------------------------------------------------------------------------------------
+UNICODE_TEXT = "emoji 😀👩‍👩‍👧 CJK 中文字符 combining e\u0301 Å\u030a nul a\x00b rtl עברית \u2028 \"'\\"
+
+PAYLOADS: list[Any] = [
+    None,
+    True,
+    0,
+    -(2**63),
+    2**64 - 1,
+    1.5,
+    -0.0,
+    5e-324,
+    1.7976931348623157e308,
+    "",
+    UNICODE_TEXT,
+    [],
+    {},
+    [1, "two", None, [3.25, {"four": False}]],
+    {UNICODE_TEXT: {"nested": [UNICODE_TEXT, {"": None}]}},
+]
+
+
+@pytest.mark.parametrize("payload", PAYLOADS, ids=repr)
+def test_round_trip_exact(store: TraceStore, payload: Any) -> None:
+    trace = make(data=payload, metadata={"payload": payload}, session_uids=["s"], created_at=T0 + 0.123456789)
+    store.store(trace)
+    assert store.get(trace.id) == trace
+    assert store.get_by_session_uid("s") == [trace]
+    assert store.query() == [trace]
+    assert store.query(namespace="web", context_type="span", session_uid="s") == [trace]
+
+
+def test_round_trip_unicode_identifiers(store: TraceStore, db_path: Path) -> None:
+    sessions = ["😀", "中文", "e\u0301", "é", "a\x00b", "a", "x\"y'z\\", " ", "\u2028"]
+    traces = [
+        make(
+            id=f"id-{index}-{uid}",
+            namespace=f"ns-{uid}",
+            context_type=f"type-{uid}",
+            data=UNICODE_TEXT,
+            session_uids=[uid, "shared"],
+            created_at=T0 + index,
+        )
+        for index, uid in enumerate(sessions)
+    ]
+    store.store_batch(traces)
+    for trace in traces:
+        assert store.get(trace.id) == trace
+        uid = next(uid for uid in trace.session_uids if uid != "shared")
+        assert store.get_by_session_uid(uid) == [trace]
+        assert store.query(namespace=trace.namespace, context_type=trace.context_type) == [trace]
+    # NFC and NFD spellings and "a" vs "a\0b" stay distinct sessions.
+    assert_matches_oracles(store, db_path, traces, session_uid="shared")
+    assert_matches_oracles(store, db_path, traces, session_uid="a")
+
+
+def test_one_mebibyte_payload(store: TraceStore) -> None:
+    payload = {"blob": "x" * (1 << 20), "list": list(range(50_000)), "text": UNICODE_TEXT * 1000}
+    trace = make(data=payload, session_uids=["big"])
+    store.store(trace)
+    assert store.get(trace.id) == trace
+    assert store.get_by_session_uid("big", limit=1) == [trace]
+
+
+def test_get_unknown_id_is_none(store: TraceStore) -> None:
+    assert store.get("nope") is None
+    store.store(make(id="yes"))
+    assert store.get("nope") is None
+
+
+def test_multi_session_trace_found_through_every_session(store: TraceStore) -> None:
+    trace = make(session_uids=["c", "a", "b"], created_at=T0)
+    store.store(trace)
+    for uid in ("a", "b", "c"):
+        assert store.get_by_session_uid(uid) == [trace]
+    assert store.get_by_session_uid("d") == []
+    assert store.get(trace.id).session_uids == ("a", "b", "c")  # type: ignore[union-attr]
+
+
+def test_trace_without_sessions(store: TraceStore) -> None:
+    trace = make(created_at=T0)
+    store.store(trace)
+    assert store.get(trace.id) == trace
+    assert store.query() == [trace]
+    assert store.query(session_uid="any") == []
+
+
+# -- oracle comparisons on a fixed data set ------------------------------------------------------------
+SESSIONS = ("s1", "s2", "s3", "😀")
+TIE = T0 + 50.0
+
+
+def fixed_traces() -> list[TraceContext]:
+    rng = random.Random(20240601)
+    traces = []
+    for index in range(90):
+        # A third of the traces share one timestamp, a few more share another: ties everywhere.
+        created = TIE if index % 3 == 0 else T0 + rng.choice([10.0, 20.5, 20.5, 30.0]) + rng.randrange(40)
+        traces.append(
+            make(
+                id=rng.choice(["", "z", "ä", "0"]) + new_id(rng),
+                namespace=rng.choice(["web", "web", "worker"]),
+                context_type=rng.choice(["span", "log", "log"]),
+                data={"index": index},
+                session_uids=rng.sample(SESSIONS, rng.choice([0, 1, 1, 2, 3])),
+                created_at=created,
+            )
+        )
+    return traces
+
+
+def new_id(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128)))
+
+
+@pytest.fixture(scope="module")
+def fixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TraceStore, Path, list[TraceContext]]]:
+    path = tmp_path_factory.mktemp("fixed") / "traces.db"
+    traces = fixed_traces()
+    with TraceStore(f"sqlite:///{path}") as store:
+        store.store_batch(traces[:40])
+        for trace in traces[40:]:
+            store.store(trace)
+        yield store, path, traces
+
+
+QUERY_GRID = list(
+    itertools.product(
+        [None, "s1", "😀", "missing"],  # session_uid
+        [None, "web", "worker"],  # namespace
+        [None, "log"],  # context_type
+        [None, TIE, T0 + 25.0],  # since
+        [None, TIE, T0 + 100.0],  # until
+        [None, 1, 7, 1000],  # limit
+    )
+)
+
+
+def test_all_filter_combinations_match_oracles(fixed: tuple[TraceStore, Path, list[TraceContext]]) -> None:
+    store, path, traces = fixed
+    for session_uid, namespace, context_type, since, until, limit in QUERY_GRID:
+        args = {
+            "session_uid": session_uid,
+            "namespace": namespace,
+            "context_type": context_type,
+            "since": since,
+            "until": until,
+            "limit": limit,
+        }
+        assert_matches_oracles(store, path, traces, **args)
+
+
+def test_get_by_session_uid_matches_oracle(fixed: tuple[TraceStore, Path, list[TraceContext]]) -> None:
+    store, _, traces = fixed
+    for uid, since, limit in itertools.product(SESSIONS, [None, T0, TIE, TIE + 0.001], [None, 1, 5, 500]):
+        expected = oracle_query(traces, session_uid=uid, since=since, limit=limit)
+        assert store.get_by_session_uid(uid, since, limit) == expected
+        assert store.get_by_session_uid(uid, since=since, limit=limit) == expected
+
+
+def test_ties_ordered_by_id_descending(fixed: tuple[TraceStore, Path, list[TraceContext]]) -> None:
+    store, _, traces = fixed
+    tied = store.query(since=TIE, until=TIE + 0.001)
+    assert len(tied) == sum(trace.created_at == TIE for trace in traces) >= 20
+    assert [trace.id for trace in tied] == sorted((trace.id for trace in tied), reverse=True)
+    # Paging through the tie with growing limits is stable: each page is a prefix of the next.
+    pages = [store.query(session_uid="s1", since=TIE, until=TIE + 0.001, limit=n) for n in range(1, 12)]
+    for shorter, longer in itertools.pairwise(pages):
+        assert longer[: len(shorter)] == shorter
+
+
+def test_results_are_deterministic(fixed: tuple[TraceStore, Path, list[TraceContext]]) -> None:
+    store, _, _ = fixed
+    assert len({tuple(t.id for t in store.query(session_uid="s2")) for _ in range(5)}) == 1
+
+
+# -- boundaries ----------------------------------------------------------------------------------------
+@pytest.fixture
+def timeline(store: TraceStore) -> list[TraceContext]:
+    traces = [make(id=f"t{n}", created_at=T0 + n, session_uids=["s"]) for n in range(5)]
+    store.store_batch(traces)
+    return traces
+
+
+@pytest.mark.parametrize("session_uid", [None, "s"])
+def test_since_is_inclusive_until_is_exclusive(
+    store: TraceStore, timeline: list[TraceContext], session_uid: str | None
+) -> None:
+    newest_first = timeline[::-1]
+    assert store.query(session_uid=session_uid, since=T0 + 2) == newest_first[:3]
+    assert store.query(session_uid=session_uid, until=T0 + 2) == newest_first[3:]
+    assert store.query(session_uid=session_uid, since=T0 + 2, until=T0 + 3) == [timeline[2]]
+    assert store.query(session_uid=session_uid, since=T0 + 2, until=T0 + 2) == []
+    # Just off the boundary, by the smallest float step.
+    assert store.query(session_uid=session_uid, since=math.nextafter(T0 + 2, math.inf)) == newest_first[:2]
+    assert store.query(session_uid=session_uid, until=math.nextafter(T0 + 2, math.inf)) == newest_first[2:]
+
+
+@pytest.mark.parametrize("session_uid", [None, "s"])
+def test_empty_windows(store: TraceStore, timeline: list[TraceContext], session_uid: str | None) -> None:
+    assert store.query(session_uid=session_uid, since=T0 + 100) == []
+    assert store.query(session_uid=session_uid, until=T0 - 100) == []
+    assert store.query(session_uid=session_uid, since=T0 + 3, until=T0 + 1) == []
+    assert store.query(session_uid=session_uid, until=T0) == []
+    if session_uid is not None:
+        assert store.get_by_session_uid(session_uid, since=T0 + 4.5) == []
+
+
+@pytest.mark.parametrize("session_uid", [None, "s"])
+def test_limit(store: TraceStore, timeline: list[TraceContext], session_uid: str | None) -> None:
+    newest_first = timeline[::-1]
+    assert store.query(session_uid=session_uid, limit=1) == newest_first[:1]
+    assert store.query(session_uid=session_uid, limit=5) == newest_first
+    assert store.query(session_uid=session_uid, limit=6) == newest_first
+    assert store.query(session_uid=session_uid, limit=2**63 - 1) == newest_first
+
+
+@pytest.mark.parametrize("limit", [2**63, 10**30])
+def test_huge_limit_is_not_a_driver_error(store: TraceStore, timeline: list[TraceContext], limit: int) -> None:
+    # A positive int passes validation, so it must mean "no limit" or be refused as InvalidQueryError.
+    try:
+        result = store.query(session_uid="s", limit=limit)
+    except InvalidQueryError:
+        return
+    assert result == timeline[::-1]
+
+
+def test_int_bounds_compare_like_floats(store: TraceStore, timeline: list[TraceContext]) -> None:
+    assert store.query(since=int(T0) + 3) == timeline[::-1][:2]
+    assert store.query(session_uid="s", until=int(T0) + 1) == [timeline[0]]
+
+
+# -- property tests against the oracle -----------------------------------------------------------------
+TIMES = [-1.5, 0.0, 1.0, 1.0 + 2**-40, 2.0, T0, T0 + 0.001]
+BOUNDS = st.one_of(st.none(), st.sampled_from([*TIMES, 0.5, 1.5, T0 - 1, 1e300, -1e300]))
+PROP_SESSIONS = ["a", "b", "é", "e\u0301", "😀"]
+JSON_LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=8),
+)
+JSON_VALUES = st.recursive(
+    JSON_LEAVES,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3),
+    max_leaves=8,
+)
+
+
+def trace_strategy(ids: st.SearchStrategy[str]) -> st.SearchStrategy[TraceContext]:
+    return st.builds(
+        TraceContext,
+        context_type=st.sampled_from(["span", "log"]),
+        namespace=st.sampled_from(["web", "worker"]),
+        data=JSON_VALUES,
+        metadata=st.dictionaries(st.text(max_size=3), JSON_VALUES, max_size=2),
+        session_uids=st.lists(st.sampled_from(PROP_SESSIONS), max_size=3),
+        created_at=st.sampled_from(TIMES),
+        updated_at=st.sampled_from(TIMES),
+        id=ids,
+    )
+
+
+QUERY_ARGS = st.fixed_dictionaries(
+    {
+        "session_uid": st.one_of(st.none(), st.sampled_from([*PROP_SESSIONS, "nobody"])),
+        "namespace": st.one_of(st.none(), st.sampled_from(["web", "worker"])),
+        "context_type": st.one_of(st.none(), st.sampled_from(["span", "log"])),
+        "since": BOUNDS,
+        "until": BOUNDS,
+        "limit": st.one_of(st.none(), st.integers(min_value=1, max_value=30)),
+    }
+)
+
+
+@contextmanager
+def fresh_store() -> Iterator[tuple[TraceStore, Path]]:
+    """A new database per hypothesis example (function-scoped fixtures are shared across examples)."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "traces.db"
+        with TraceStore(f"sqlite:///{path}") as store:
+            yield store, path
+
+
+PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPERTY_SETTINGS
+@given(
+    traces=st.lists(
+        trace_strategy(st.text(alphabet="ab0é😀\x00", min_size=1, max_size=3)),
+        max_size=25,
+        unique_by=lambda trace: trace.id,
+    ),
+    queries=st.lists(QUERY_ARGS, min_size=1, max_size=6),
+    chunk=st.integers(min_value=1, max_value=25),
+)
+def test_query_matches_oracle_property(traces: list[TraceContext], queries: list[dict[str, Any]], chunk: int) -> None:
+    with fresh_store() as (store, path):
+        for start in range(0, len(traces), chunk):
+            store.store_batch(traces[start : start + chunk])
+        assert junction_drift(path) == []
+        for args in queries:
+            assert_matches_oracles(store, path, traces, **args)
+        for trace in traces:
+            assert store.get(trace.id) == trace
+
+
+ID_POOL = ["x", "y", "ä", "😀"]
+OPERATIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("store"), trace_strategy(st.sampled_from(ID_POOL))),
+        # Repeated ids within one batch too: they must act like successive store() calls.
+        st.tuples(st.just("batch"), st.lists(trace_strategy(st.sampled_from(ID_POOL)), max_size=4)),
+        st.tuples(st.just("delete"), st.sampled_from([*ID_POOL, "never-stored"])),
+    ),
+    max_size=12,
+)
+
+
+@PROPERTY_SETTINGS
+@given(operations=OPERATIONS, queries=st.lists(QUERY_ARGS, min_size=1, max_size=4))
+def test_restore_and_delete_match_model_property(operations: list[Any], queries: list[dict[str, Any]]) -> None:
+    model: dict[str, TraceContext] = {}
+    with fresh_store() as (store, path):
+        for kind, argument in operations:
+            if kind == "store":
+                store.store(argument)
+                model[argument.id] = merge_restore(model.get(argument.id), argument)
+            elif kind == "batch":
+                store.store_batch(argument)
+                for trace in argument:
+                    model[trace.id] = merge_restore(model.get(trace.id), trace)
+            else:
+                assert store.delete(argument) is (model.pop(argument, None) is not None)
+        assert junction_drift(path) == []
+        for trace_id in [*ID_POOL, "never-stored"]:
+            assert store.get(trace_id) == model.get(trace_id)
+        for args in queries:
+            assert_matches_oracles(store, path, list(model.values()), **args)
+
+
+# -- re-store -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("new_time", [T0 + 10, T0 - 10], ids=["later", "earlier"])
+def test_restore_updates_in_place_adds_sessions_and_moves_links(
+    store: TraceStore, db_path: Path, new_time: float
+) -> None:
+    first = make(id="x", data={"v": 1}, metadata={"m": 1}, session_uids=["a", "b"], created_at=T0, updated_at=T0)
+    store.store(first)
+    assert links(db_path, "x") == [("a", T0), ("b", T0)]
+    second = make(
+        id="x",
+        namespace="worker",
+        context_type="log",
+        data=[2],
+        metadata={"m": 2},
+        session_uids=["c", "b"],
+        created_at=new_time,
+        updated_at=T0 + 20,
+    )
+    store.store(second)
+    expected = dataclasses.replace(second, session_uids=("a", "b", "c"))
+    assert store.get("x") == expected
+    assert store.query() == [expected]
+    assert links(db_path, "x") == [("a", new_time), ("b", new_time), ("c", new_time)]
+    for uid in ("a", "b", "c"):
+        assert store.get_by_session_uid(uid, since=new_time) == [expected]
+        assert store.query(session_uid=uid, since=new_time, until=new_time + 1) == [expected]
+        # Not at the old time any more.
+        assert store.query(session_uid=uid, since=T0, until=T0 + 1) == []
+    assert store.query(namespace="web") == []
+    assert store.query(namespace="worker", context_type="log") == [expected]
+
+
+def test_restore_without_sessions_keeps_links(store: TraceStore, db_path: Path) -> None:
+    store.store(make(id="x", session_uids=["a"], created_at=T0))
+    store.store(make(id="x", data="new", created_at=T0 + 1))
+    assert store.get("x") == make(id="x", data="new", session_uids=["a"], created_at=T0 + 1)
+    assert links(db_path, "x") == [("a", T0 + 1)]
+
+
+def test_restore_same_time_is_idempotent(store: TraceStore, db_path: Path) -> None:
+    trace = make(id="x", session_uids=["a", "b"], created_at=T0)
+    for _ in range(3):
+        store.store(trace)
+    assert store.get("x") == trace
+    assert store.get_by_session_uid("a") == [trace]
+    assert links(db_path, "x") == [("a", T0), ("b", T0)]
+
+
+def test_restore_restamps_links_written_without_time(store: TraceStore, db_path: Path) -> None:
+    # A writer of the previous release inserts links without created_at during a rolling deploy.
+    store.store(make(id="x", session_uids=["a"], created_at=T0))
+    with sqlite3.connect(db_path) as connection:
+        connection.execute("INSERT INTO trace_sessions (trace_id, session_uid) VALUES ('x', 'old')")
+    connection.close()
+    store.store(make(id="x", created_at=T0))
+    assert links(db_path, "x") == [("a", T0), ("old", T0)]
+    assert [trace.id for trace in store.get_by_session_uid("old", since=T0)] == ["x"]
+
+
+def test_same_id_twice_in_one_batch_behaves_like_two_stores(store: TraceStore, db_path: Path) -> None:
+    first = make(id="x", data=1, session_uids=["a"], created_at=T0)
+    second = make(id="x", data=2, session_uids=["b"], created_at=T0 + 100)
+    store.store_batch([first, second])
+    expected = merge_restore(first, second)
+    assert store.get("x") == expected
+    assert links(db_path, "x") == [("a", T0 + 100), ("b", T0 + 100)]
+    assert store.get_by_session_uid("a", since=T0 + 50) == [expected]
+
+
+# -- delete -----------------------------------------------------------------------------------------------
+def test_delete_removes_trace_and_links(store: TraceStore, db_path: Path) -> None:
+    doomed = make(session_uids=["a", "b"], created_at=T0)
+    other = make(session_uids=["a"], created_at=T0 - 1)
+    store.store_batch([doomed, other])
+    assert store.delete(doomed.id) is True
+    assert store.get(doomed.id) is None
+    assert links(db_path, doomed.id) == []
+    assert store.get_by_session_uid("a") == [other]
+    assert store.get_by_session_uid("b") == []
+    assert store.query() == [other]
+    assert store.delete(doomed.id) is False
+    assert store.delete("never-stored") is False
+    # Stored again, it does not get the deleted links back.
+    store.store(dataclasses.replace(doomed, session_uids=["c"]))
+    assert store.get(doomed.id).session_uids == ("c",)  # type: ignore[union-attr]
+    assert store.get_by_session_uid("b") == []
+
+
+# -- batch atomicity -------------------------------------------------------------------------------------
+class Opaque:
+    pass
+
+
+BAD_BATCH_ITEMS: list[Callable[[], Any]] = [
+    lambda: make(data={1, 2}),
+    lambda: make(data=object()),
+    lambda: make(data=[1, Opaque()]),
+    lambda: make(data={1: "int key"}),
+    lambda: make(data=2**70),
+    lambda: make(data=b"bytes"),
+    lambda: make(metadata={"m": {3}}),
+    lambda: "not a trace",
+    lambda: None,
+    lambda: {"context_type": "span", "namespace": "web", "data": 1},
+]
+
+
+@pytest.mark.parametrize("bad", BAD_BATCH_ITEMS, ids=range(len(BAD_BATCH_ITEMS)))
+def test_invalid_item_in_batch_keeps_nothing(store: TraceStore, db_path: Path, bad: Callable[[], Any]) -> None:
+    existing = make(id="keep", session_uids=["a"], created_at=T0)
+    store.store(existing)
+    before = dump_db(db_path)
+    batch = [
+        make(session_uids=["a"], created_at=T0 + 1),
+        make(id="keep", data="changed", session_uids=["new"], created_at=T0 + 5),
+        bad(),
+        make(session_uids=["b"]),
+    ]
+    with pytest.raises(InvalidTraceError):
+        store.store_batch(batch)
+    assert dump_db(db_path) == before
+    assert store.get("keep") == existing
+
+
+def test_database_failure_mid_batch_rolls_everything_back(store: TraceStore, db_path: Path) -> None:
+    existing = make(id="keep", session_uids=["a"], created_at=T0)
+    store.store(existing)
+    with sqlite3.connect(db_path) as connection:
+        # Fails the last statement of the transaction, after traces were upserted and links moved.
+        connection.execute(
+            "CREATE TRIGGER boom BEFORE INSERT ON trace_sessions WHEN NEW.session_uid = 'boom' "
+            "BEGIN SELECT RAISE(ABORT, 'boom'); END"
+        )
+    connection.close()
+    before = dump_db(db_path)
+    batch = [
+        make(session_uids=["a"], created_at=T0 + 1),
+        make(id="keep", data="changed", session_uids=["new"], created_at=T0 + 5),
+        make(session_uids=["boom"]),
+    ]
+    with pytest.raises(StorageError):
+        store.store_batch(batch)
+    assert dump_db(db_path) == before
+    assert store.get("keep") == existing
+    assert store.query() == [existing]
+
+
+def test_invalid_entry_shadowed_by_same_id_still_fails_the_batch(store: TraceStore, db_path: Path) -> None:
+    # Like successive store() calls: the first one would raise, so the batch must too.
+    before = dump_db(db_path)
+    with pytest.raises(InvalidTraceError):
+        store.store_batch([make(id="x", data={1, 2}), make(id="x", data="fine")])
+    assert dump_db(db_path) == before
+    assert store.get("x") is None
+
+
+def test_reassigned_fields_are_checked_when_stored(store: TraceStore, db_path: Path) -> None:
+    trace = make(id="x", session_uids=["a"])
+    store.store(trace)
+    before = dump_db(db_path)
+    for field_name, value in [("namespace", ""), ("created_at", "soon"), ("session_uids", "abc"), ("id", 3)]:
+        broken = make(id="x", session_uids=["a"])
+        setattr(broken, field_name, value)
+        with pytest.raises(InvalidTraceError):
+            store.store(broken)
+        with pytest.raises(InvalidTraceError):
+            store.store_batch([make(), broken])
+    assert dump_db(db_path) == before
+    assert store.get("x") == trace
+
+
+def test_empty_batch_is_a_no_op(store: TraceStore, db_path: Path) -> None:
+    before = dump_db(db_path)
+    store.store_batch([])
+    store.store_batch(iter(()))
+    assert dump_db(db_path) == before
+
+
+def test_batch_accepts_any_iterable(store: TraceStore) -> None:
+    traces = [make(created_at=T0 + n) for n in range(3)]
+    store.store_batch(trace for trace in traces)
+    assert store.query() == traces[::-1]
+
+
+# -- bad input: library errors, database unchanged -------------------------------------------------------
+BAD_CALLS: list[tuple[str, Callable[[TraceStore], Any], type[Exception]]] = [
+    ("data-set", lambda s: s.store(make(data={1})), InvalidTraceError),
+    ("data-object", lambda s: s.store(make(data=object())), InvalidTraceError),
+    ("data-too-deep", lambda s: s.store(make(data=nested(600))), InvalidTraceError),
+    ("data-lone-surrogate", lambda s: s.store(make(data="\ud800")), InvalidTraceError),
+    ("metadata-object", lambda s: s.store(make(metadata={"m": object()})), InvalidTraceError),
+    ("created-nan", lambda s: s.store(make(created_at=math.nan)), InvalidTraceError),
+    ("created-inf", lambda s: s.store(make(created_at=math.inf)), InvalidTraceError),
+    ("created-str", lambda s: s.store(make(created_at="1")), InvalidTraceError),
+    ("created-bool", lambda s: s.store(make(created_at=True)), InvalidTraceError),
+    ("updated-nan", lambda s: s.store(make(updated_at=math.nan)), InvalidTraceError),
+    ("updated-bool", lambda s: s.store(make(updated_at=False)), InvalidTraceError),
+    ("created-int-overflow", lambda s: s.store(make(created_at=10**400)), InvalidTraceError),
+    ("id-empty", lambda s: s.store(make(id="")), InvalidTraceError),
+    ("id-int", lambda s: s.store(make(id=7)), InvalidTraceError),
+    ("id-lone-surrogate", lambda s: s.store(make(id="\ud800")), InvalidTraceError),
+    ("namespace-lone-surrogate", lambda s: s.store(make(namespace="\udfff")), InvalidTraceError),
+    ("session-empty", lambda s: s.store(make(session_uids=[""])), InvalidTraceError),
+    ("session-int", lambda s: s.store(make(session_uids=[1])), InvalidTraceError),
+    ("session-bare-string", lambda s: s.store(make(session_uids="abc")), InvalidTraceError),
+    ("session-lone-surrogate", lambda s: s.store(make(session_uids=["\ud800"])), InvalidTraceError),
+    ("store-not-a-trace", lambda s: s.store("trace"), InvalidTraceError),
+    ("store-none", lambda s: s.store(None), InvalidTraceError),
+    ("limit-zero", lambda s: s.query(limit=0), InvalidQueryError),
+    ("limit-negative", lambda s: s.query(session_uid="a", limit=-1), InvalidQueryError),
+    ("limit-float", lambda s: s.query(limit=1.0), InvalidQueryError),
+    ("limit-bool", lambda s: s.query(limit=True), InvalidQueryError),
+    ("limit-str", lambda s: s.query(limit="5"), InvalidQueryError),
+    ("since-nan", lambda s: s.query(since=math.nan), InvalidQueryError),
+    ("since-inf", lambda s: s.query(session_uid="a", since=math.inf), InvalidQueryError),
+    ("since-str", lambda s: s.query(since="0"), InvalidQueryError),
+    ("since-bool", lambda s: s.query(since=True), InvalidQueryError),
+    ("since-int-overflow", lambda s: s.query(since=10**400), InvalidQueryError),
+    ("until-nan", lambda s: s.query(until=math.nan), InvalidQueryError),
+    ("until-neg-inf", lambda s: s.query(session_uid="a", until=-math.inf), InvalidQueryError),
+    ("until-bool", lambda s: s.query(until=False), InvalidQueryError),
+    ("until-int-overflow", lambda s: s.query(session_uid="a", until=-(10**400)), InvalidQueryError),
+    ("session-uid-empty", lambda s: s.query(session_uid=""), InvalidQueryError),
+    ("session-uid-int", lambda s: s.query(session_uid=5), InvalidQueryError),
+    ("session-uid-lone-surrogate", lambda s: s.query(session_uid="\ud800"), InvalidQueryError),
+    ("namespace-empty", lambda s: s.query(namespace=""), InvalidQueryError),
+    ("context-type-int", lambda s: s.query(context_type=1), InvalidQueryError),
+    ("by-session-empty", lambda s: s.get_by_session_uid(""), InvalidQueryError),
+    ("by-session-none", lambda s: s.get_by_session_uid(None), InvalidQueryError),
+    ("by-session-limit-zero", lambda s: s.get_by_session_uid("a", limit=0), InvalidQueryError),
+    ("by-session-since-nan", lambda s: s.get_by_session_uid("a", since=math.nan), InvalidQueryError),
+    ("get-empty", lambda s: s.get(""), InvalidQueryError),
+    ("get-none", lambda s: s.get(None), InvalidQueryError),
+    ("get-int", lambda s: s.get(5), InvalidQueryError),
+    ("get-lone-surrogate", lambda s: s.get("\ud800"), InvalidQueryError),
+    ("delete-empty", lambda s: s.delete(""), InvalidQueryError),
+    ("delete-int", lambda s: s.delete(5), InvalidQueryError),
+    ("explain-empty", lambda s: s.explain(""), InvalidQueryError),
+    ("explain-none", lambda s: s.explain(None), InvalidQueryError),
+    ("explain-limit-bool", lambda s: s.explain("a", limit=True), InvalidQueryError),
+    ("explain-until-nan", lambda s: s.explain("a", until=math.nan), InvalidQueryError),
+]
+
+
+def nested(depth: int) -> Any:
+    value: Any = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.fixture
+def populated(store: TraceStore, db_path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    store.store_batch(
+        [make(id="one", session_uids=["a"], created_at=T0), make(id="two", session_uids=["a", "b"], created_at=T0)]
+    )
+    return dump_db(db_path)
+
+
+@pytest.mark.parametrize(
+    ("call", "error"), [(call, error) for _, call, error in BAD_CALLS], ids=[c[0] for c in BAD_CALLS]
+)
+def test_bad_input_raises_library_error_and_changes_nothing(
+    store: TraceStore,
+    db_path: Path,
+    populated: dict[str, list[tuple[Any, ...]]],
+    call: Callable[[TraceStore], Any],
+    error: type[Exception],
+) -> None:
+    with pytest.raises(error):
+        call(store)
+    assert dump_db(db_path) == populated
+
+
+NOT_JSON_VALUES: list[Any] = [
+    math.inf,
+    {"x": -math.inf},
+    [math.nan],
+    datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC),
+    uuid.UUID(int=1),
+    dataclasses.make_dataclass("Point", ["x"])(1),
+    (1, 2),
+]
+
+
+@pytest.mark.parametrize("value", NOT_JSON_VALUES, ids=repr)
+@pytest.mark.parametrize("field_name", ["data", "metadata"])
+def test_non_json_value_is_refused_or_round_trips(store: TraceStore, value: Any, field_name: str) -> None:
+    # orjson would write these as null / strings / objects / arrays: accepted, they must come back equal.
+    trace = make(**{field_name: value if field_name == "data" else {"v": value}})
+    try:
+        store.store(trace)
+    except InvalidTraceError:
+        assert store.get(trace.id) is None
+        return
+    assert store.get(trace.id) == trace
+
+
+def test_not_a_sqlite_file_raises_and_is_left_alone(tmp_path: Path) -> None:
+    junk = random.Random(3).randbytes(16_384)
+    path = tmp_path / "junk.db"
+    path.write_bytes(junk)
+    for auto_upgrade in (True, False):
+        with pytest.raises(StorageError):
+            TraceStore(f"sqlite:///{path}", auto_upgrade=auto_upgrade)
+        assert path.read_bytes() == junk
+
+
+def test_text_file_raises_and_is_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"just some notes\n" * 100)
+    with pytest.raises(StorageError):
+        TraceStore(f"sqlite:///{path}")
+    assert path.read_bytes() == b"just some notes\n" * 100
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["", "not a url", "://", "sqlite+aiosqlite:///traces.db", "nosuchdialect://host/db", "sqlite:////no/such/dir/x.db"],
+)
+def test_bad_url_raises_storage_error(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StorageError):
+        TraceStore(url)
+    assert os.listdir(tmp_path) == []
+
+
+# -- connections ------------------------------------------------------------------------------------------
+@pytest.fixture(params=["url", "engine"])
+def any_store(request: pytest.FixtureRequest, db_path: Path) -> Iterator[TraceStore]:
+    if request.param == "url":
+        with TraceStore(f"sqlite:///{db_path}") as store:
+            yield store
+        return
+    engine = sqlalchemy.create_engine(f"sqlite:///{db_path}")
+    with TraceStore(engine) as store:
+        assert store.engine is engine
+        yield store
+    engine.dispose()
+
+
+def test_every_connection_has_the_pragmas(any_store: TraceStore) -> None:
+    with any_store.engine.connect() as first, any_store.engine.connect() as second:
+        for conn in (first, second):
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() > 0
+
+
+def test_reads_see_one_snapshot(any_store: TraceStore) -> None:
+    any_store.store(make(id="before", session_uids=["a"], created_at=T0))
+    with any_store.engine.connect() as reader:
+        first = reader.exec_driver_sql("SELECT count(*) FROM traces").scalar()
+        assert reader.connection.dbapi_connection.in_transaction  # type: ignore[union-attr]
+        any_store.store(make(id="after", session_uids=["a"], created_at=T0 + 1))
+        assert reader.exec_driver_sql("SELECT count(*) FROM traces").scalar() == first == 1
+    assert [trace.id for trace in any_store.get_by_session_uid("a")] == ["after", "before"]
+
+
+def test_each_store_read_is_one_statement(any_store: TraceStore) -> None:
+    # The store skips BEGIN for its reads (engine.SINGLE_STATEMENT_READ): that is only a single
+    # snapshot because every read is exactly one SELECT, which this pins down.
+    any_store.store(make(id="x", session_uids=["a"]))
+    executed: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        executed.append(statement.split()[0].upper())
+
+    sqlalchemy.event.listen(any_store.engine, "before_cursor_execute", record)
+    try:
+        reads: list[Callable[[], Any]] = [
+            lambda: any_store.get("x"),
+            lambda: any_store.get("missing"),
+            lambda: any_store.get_by_session_uid("a", since=0, limit=3),
+            lambda: any_store.query(),
+            lambda: any_store.query(session_uid="a", namespace="web", context_type="span", until=T0 * 2),
+        ]
+        for read in reads:
+            executed.clear()
+            read()
+            assert executed == ["SELECT"]
+    finally:
+        sqlalchemy.event.remove(any_store.engine, "before_cursor_execute", record)
+
+
+def test_writes_take_the_write_lock_up_front(any_store: TraceStore) -> None:
+    executed: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        executed.append(" ".join(statement.split()[:2]).upper())
+
+    sqlalchemy.event.listen(any_store.engine, "before_cursor_execute", record)
+    try:
+        any_store.store(make(id="x", session_uids=["a"]))
+        any_store.delete("x")
+    finally:
+        sqlalchemy.event.remove(any_store.engine, "before_cursor_execute", record)
+    assert [statement for statement in executed if statement.startswith("BEGIN")] == ["BEGIN IMMEDIATE"] * 2
+
+
+def test_plan_is_logged_at_debug(store: TraceStore, caplog: pytest.LogCaptureFixture) -> None:
+    store.store(make(session_uids=["a"]))
+    caplog.set_level(logging.INFO, logger="tracestore.plan")
+    store.get_by_session_uid("a")
+    assert not [r for r in caplog.records if r.name == "tracestore.plan"]
+    caplog.set_level(logging.DEBUG, logger="tracestore.plan")
+    store.get_by_session_uid("a", since=T0 - 10**6, limit=5)
+    messages = [r.getMessage() for r in caplog.records if r.name == "tracestore.plan"]
+    assert len(messages) == 1
+    assert "SEARCH" in messages[0] and "idx_trace_sessions_uid_time" in messages[0]
+
+
+def test_explain_describes_the_session_query(store: TraceStore) -> None:
+    plan = store.explain("a", since=T0, limit=10, until=T0 + 1, namespace="web", context_type="span")
+    assert any("SEARCH" in line and "idx_trace_sessions_uid_time" in line for line in plan)
+    assert all(isinstance(line, str) for line in plan)
+
+
+# -- schema revision ---------------------------------------------------------------------------------------
+LEGACY_ROWS = [
+    ("l1", "span", "web", {"a": 1}, {"m": 1}, T0, T0 + 1, ("s1", "s2")),
+    ("l2", "log", "worker", [1, 2], {}, T0, T0, ("s1",)),
+    ("l3", "span", "web", "text", {"k": "v"}, T0 + 5, T0 + 6, ("s2",)),
+    ("l4", "span", "web", None, {}, T0 - 5, T0 - 5, ()),
+]
+
+
+def legacy_traces() -> list[TraceContext]:
+    return [
+        TraceContext(
+            id=trace_id,
+            context_type=ctype,
+            namespace=ns,
+            data=data,
+            metadata=metadata,
+            created_at=created,
+            updated_at=updated,
+            session_uids=sessions,
+        )
+        for trace_id, ctype, ns, data, metadata, created, updated, sessions in LEGACY_ROWS
+    ]
+
+
+@pytest.mark.parametrize("revision", [None, "0001", "0002", "0003", "0004"])
+def test_old_revision_refused_without_auto_upgrade(db_path: Path, db_url: str, revision: str | None) -> None:
+    create_legacy_db(db_path, LEGACY_ROWS)
+    if revision is not None:
+        migrate.upgrade(db_url, revision)
+    before = dump_db(db_path)
+    with pytest.raises(SchemaOutOfDateError, match="tracestore upgrade"):
+        TraceStore(db_url, auto_upgrade=False)
+    assert dump_db(db_path) == before
+    with TraceStore(db_url) as store:
+        assert migrate.current_revision(db_url) == migrate.head_revision()
+        assert junction_drift(db_path) == []
+        traces = legacy_traces()
+        for trace in traces:
+            assert store.get(trace.id) == trace
+        for uid, since, limit in itertools.product(["s1", "s2", "none"], [None, T0, T0 + 1], [None, 1]):
+            assert store.get_by_session_uid(uid, since, limit) == oracle_query(
+                traces, session_uid=uid, since=since, limit=limit
+            )
+        assert_matches_oracles(store, db_path, traces)
+
+
+def test_head_database_opens_without_upgrade(db_url: str, db_path: Path) -> None:
+    with TraceStore(db_url) as store:
+        store.store(make(id="x"))
+    before = dump_db(db_path)
+    with TraceStore(db_url, auto_upgrade=False) as store:
+        assert store.get("x") is not None
+    assert dump_db(db_path) == before
