@@ -18,7 +18,7 @@ $(BIN)/tracestore: pyproject.toml
 venv: $(BIN)/tracestore  ## create .venv and install tracestore with its dev tools
 
 demo: venv  ## build a SQLite file of synthetic traces through the migrations, query it, show the plan
-	$(BIN)/tracestore --url sqlite:///demo.db demo
+	$(BIN)/tracestore --url sqlite:///demo.db demo --force
 
 test: venv  ## run the whole test suite
 	$(BIN)/pytest

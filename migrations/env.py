@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 
 from tracestore.engine import create_async_engine, create_engine
 from tracestore.models import SESSION_TIME_INDEX, Base
-from tracestore.schema import foreign_keys_off, session_index_drift
+from tracestore.schema import foreign_keys_off, refuse_dropping_traces, session_index_drift
 
 config = context.config
 if (
@@ -64,7 +64,24 @@ def database_url() -> str:
     return url or config.get_main_option("sqlalchemy.url") or "sqlite:///traces.db"
 
 
+def drop_data_allowed() -> bool:
+    flag = context.get_x_argument(as_dictionary=True).get("drop_data") == "yes"
+    return flag or bool(config.attributes.get("drop_data"))
+
+
+def going_to_base() -> bool:
+    try:
+        return context.get_revision_argument() is None  # Alembic reports "base" as None
+    except KeyError:  # commands without a destination (check, revision --autogenerate)
+        return False
+
+
 def run_on(connection: Connection) -> None:
+    if going_to_base():
+        # Checked before any step runs, so a refused downgrade leaves the schema untouched.
+        refuse_dropping_traces(connection, drop_data=drop_data_allowed())
+        if connection.in_transaction():
+            connection.rollback()
     # Never rebuild or touch tables with foreign keys on: SQLite's copy-and-drop of a parent table
     # would cascade and silently delete every trace_sessions row.
     with foreign_keys_off(connection):

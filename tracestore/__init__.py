@@ -4,6 +4,7 @@ from tracestore.async_store import AsyncTraceStore
 from tracestore.errors import (
     InvalidQueryError,
     InvalidTraceError,
+    MigrationError,
     SchemaOutOfDateError,
     StorageError,
     TraceStoreError,
@@ -15,6 +16,7 @@ __all__ = [
     "AsyncTraceStore",
     "InvalidQueryError",
     "InvalidTraceError",
+    "MigrationError",
     "SchemaOutOfDateError",
     "StorageError",
     "TraceContext",

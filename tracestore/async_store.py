@@ -26,6 +26,7 @@ from tracestore.rows import (
     prepare_query,
     storage_error,
 )
+from tracestore.store import _refuse_missing_file
 from tracestore.types import TraceContext
 
 plan_log = logging.getLogger("tracestore.plan")
@@ -65,6 +66,7 @@ class AsyncTraceStore:
             if self._ready:
                 return
             try:
+                _refuse_missing_file(self._engine.url, auto_upgrade=self._auto_upgrade)
                 async with self._engine.connect() as conn:
                     await conn.run_sync(lambda sync_conn: ensure_head(sync_conn, auto_upgrade=self._auto_upgrade))
             except SQLAlchemyError as exc:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from sqlalchemy import Engine, event
 from sqlalchemy import create_engine as sa_create_engine
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
 
@@ -90,13 +91,19 @@ def _check_url(url: str, *, want_async: bool) -> None:
 def create_engine(url: str, **kwargs: Any) -> Engine:
     """A sync Engine for `url` with tracestore's connection setup."""
     _check_url(url, want_async=False)
-    return configure_engine(sa_create_engine(url, **kwargs))
+    try:
+        return configure_engine(sa_create_engine(url, **kwargs))
+    except ImportError as exc:
+        raise StorageError(f"the driver for {url!r} is not installed: {exc}") from exc
 
 
 def create_async_engine(url: str, **kwargs: Any) -> AsyncEngine:
     """An AsyncEngine for `url` (e.g. sqlite+aiosqlite:///traces.db) with tracestore's connection setup."""
     _check_url(url, want_async=True)
-    return configure_async_engine(sa_create_async_engine(url, **kwargs))
+    try:
+        return configure_async_engine(sa_create_async_engine(url, **kwargs))
+    except ImportError as exc:
+        raise StorageError(f"the driver for {url!r} is not installed: {exc}") from exc
 
 
 def sync_url(url: str) -> str:
@@ -104,3 +111,10 @@ def sync_url(url: str) -> str:
     parsed = make_url(url)
     driver = {"sqlite+aiosqlite": "sqlite", "postgresql+asyncpg": "postgresql+psycopg"}.get(parsed.drivername)
     return parsed.set(drivername=driver).render_as_string(hide_password=False) if driver else url
+
+
+def missing_sqlite_file(url: URL) -> str | None:
+    """The path of a SQLite file URL whose file does not exist yet (connecting would create it), else None."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:") or url.database.startswith("file:"):
+        return None
+    return None if os.path.exists(url.database) else url.database

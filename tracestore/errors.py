@@ -19,5 +19,13 @@ class SchemaOutOfDateError(TraceStoreError):
     """The database is not at the head revision, so the fast query could miss rows."""
 
 
+class MigrationError(TraceStoreError):
+    """A migration was refused (it would destroy data) or failed; the reason names what to do."""
+
+
+class RevisionError(MigrationError, ValueError):
+    """Alembic could not resolve the requested revision (unknown id, not a valid target)."""
+
+
 class StorageError(TraceStoreError):
     """The database failed (not a database, locked, read-only, disk full...); the transaction was rolled back."""

@@ -11,11 +11,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from tracestore.engine import create_engine, sync_url
-from tracestore.errors import SchemaOutOfDateError, StorageError
+from tracestore.errors import RevisionError, SchemaOutOfDateError, StorageError
 
 UrlOrEngine = str | Engine
 Target = str | Engine | Connection
@@ -46,7 +47,10 @@ def head_revision() -> str:
 def _run(target: Target, action: Callable[[Config], None], **attributes: Any) -> dict[str, Any]:
     if isinstance(target, Connection):
         config = alembic_config(connection=target, **attributes)
-        action(config)
+        try:
+            action(config)
+        except CommandError as exc:  # e.g. an unknown revision
+            raise RevisionError(str(exc)) from exc
         reports: dict[str, Any] = config.attributes.get("reports", {})
         return reports
     engine, owned = _engine(target)
@@ -74,8 +78,9 @@ def upgrade(
     return _run(target, lambda config: command.upgrade(config, revision), **attributes)
 
 
-def downgrade(target: Target, revision: str) -> None:
-    _run(target, lambda config: command.downgrade(config, revision))
+def downgrade(target: Target, revision: str, *, drop_data: bool = False) -> None:
+    """Downgrade to `revision`. Going to "base" drops the tables: refused while traces exist unless drop_data."""
+    _run(target, lambda config: command.downgrade(config, revision), drop_data=drop_data)
 
 
 def current_revision(target: Target) -> str | None:

@@ -82,3 +82,17 @@ def session_index_drift(connection: Connection) -> str | None:
     if shape != SESSION_TIME_INDEX_COLUMNS:
         return f"index {SESSION_TIME_INDEX} is {shape}, expected {SESSION_TIME_INDEX_COLUMNS}"
     return None
+
+
+def refuse_dropping_traces(connection: Connection, *, drop_data: bool) -> None:
+    """Raise MigrationError if going to base would drop a traces table that holds rows."""
+    from tracestore.errors import MigrationError
+
+    if drop_data or "traces" not in table_names(connection):
+        return
+    count = connection.exec_driver_sql("SELECT count(*) FROM traces").scalar_one()
+    if count:
+        raise MigrationError(
+            f"refusing to drop the traces table: it holds {count} traces. Downgrade to 0001 (the legacy "
+            "schema) to keep them, or pass drop_data (`-x drop_data=yes`) if dropping them is intended."
+        )

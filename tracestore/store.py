@@ -7,10 +7,11 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import URL, Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from tracestore.engine import SINGLE_STATEMENT_READ, WRITE, configure_engine, create_engine
+from tracestore.engine import SINGLE_STATEMENT_READ, WRITE, configure_engine, create_engine, missing_sqlite_file
+from tracestore.errors import SchemaOutOfDateError
 from tracestore.migrate import ensure_head
 from tracestore.queries import Statements, explain_statement, statements_for
 from tracestore.rows import (
@@ -50,6 +51,7 @@ class TraceStore:
         self._read_engine = engine.execution_options(**{SINGLE_STATEMENT_READ: True})
         self._sql: Statements = statements_for(engine.dialect.name)
         try:
+            _refuse_missing_file(engine.url, auto_upgrade=auto_upgrade)
             ensure_head(engine, auto_upgrade=auto_upgrade)
         except SQLAlchemyError as exc:
             self.close()
@@ -159,6 +161,13 @@ class TraceStore:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _refuse_missing_file(url: URL, *, auto_upgrade: bool) -> None:
+    """Without auto_upgrade there is nothing to create: do not leave an empty file behind when refusing."""
+    path = missing_sqlite_file(url)
+    if path is not None and not auto_upgrade:
+        raise SchemaOutOfDateError(f"no database at {path}: run `tracestore upgrade --url {url}` to create one")
 
 
 def _plan(conn: Connection, stmt: Any, params: dict[str, Any]) -> list[str]:

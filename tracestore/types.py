@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,14 +14,15 @@ from tracestore.errors import InvalidTraceError
 JSONValue = Any
 
 
-def new_trace_id(created_at: float | None = None) -> str:
+def new_trace_id(created_at: float | None = None, *, random_bytes: Callable[[int], bytes] = os.urandom) -> str:
     """A UUIDv7-shaped id whose first 48 bits are the creation time in ms.
 
     Ids of traces created close in time sort (and sit on disk) next to each other, so the
     recent rows the hot query reads cluster in a few pages of the `traces` primary key.
+    `random_bytes` lets test factories make reproducible ids.
     """
     ms = int((time.time() if created_at is None else created_at) * 1000) & ((1 << 48) - 1)
-    rand = int.from_bytes(os.urandom(10), "big")
+    rand = int.from_bytes(random_bytes(10), "big")
     value = (ms << 80) | (0x7 << 76) | ((rand >> 68) & 0xFFF) << 64 | (0b10 << 62) | (rand & ((1 << 62) - 1))
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

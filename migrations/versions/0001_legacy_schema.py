@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import context, op
 
 from tracestore.models import EpochSeconds
-from tracestore.schema import index_names, table_names
+from tracestore.schema import index_names, refuse_dropping_traces, table_names
 
 revision = "0001"
 down_revision = None
@@ -58,12 +58,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     # Dropping the tables is the only way back to "no schema"; refuse to do it to a database that
     # holds traces unless asked explicitly, so a mistyped downgrade cannot destroy years of data.
-    bind = op.get_bind()
-    count = bind.execute(sa.text("SELECT count(*) FROM traces")).scalar_one()
-    if count and context.get_x_argument(as_dictionary=True).get("drop_data") != "yes":
-        raise RuntimeError(
-            f"refusing to drop the traces table: it holds {count} traces. "
-            "Re-run with `-x drop_data=yes` if that is really what you want."
-        )
+    # (env.py checks this before the first step of `downgrade base`; this covers relative steps.)
+    drop_data = context.get_x_argument(as_dictionary=True).get("drop_data") == "yes"
+    refuse_dropping_traces(op.get_bind(), drop_data=drop_data or bool(context.config.attributes.get("drop_data")))
     op.drop_table("trace_sessions")
     op.drop_table("traces")

@@ -1,0 +1,338 @@
+"""The command line, driven through click's CliRunner and through the installed console script."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+from tracestore import TraceContext, TraceStore
+from tracestore.cli import main, parse_duration
+from tracestore.migrate import current_revision, head_revision
+from tracestore.testing import make_traces
+
+from .legacy import LegacyRow, create_legacy_db
+from .oracle import oracle_query
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "tracestore"
+COMMANDS = ["upgrade", "downgrade", "current", "explain", "recent", "demo"]
+SESSIONS = ["s-alpha", "s-beta", "s-gamma"]
+
+
+def run(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), input=input, env=env)
+
+
+def assert_clean_failure(result: Result, exit_code: int) -> None:
+    """Failed the way a CLI should: the expected code, an `Error:` line, no traceback."""
+    assert result.exit_code == exit_code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    assert "Error" in result.stderr
+
+
+def legacy_rows(traces: list[TraceContext]) -> list[LegacyRow]:
+    return [
+        (t.id, t.context_type, t.namespace, t.data, t.metadata, t.created_at, t.updated_at, t.session_uids)
+        for t in traces
+    ]
+
+
+def sample_traces(now: float) -> list[TraceContext]:
+    """Traces well inside the last 10 minutes or well before them: `--since 10m` is never a coin toss."""
+    recent = make_traces(60, session_uids=SESSIONS, since=now - 300, until=now - 1, seed=1, sessions_per_trace=2)
+    older = make_traces(60, session_uids=SESSIONS, since=now - 7200, until=now - 900, seed=2)
+    # Ties on created_at are ordered by id: give a few traces the same timestamp.
+    tied = make_traces(4, session_uids=SESSIONS[:1], since=now - 120, until=now - 120, seed=3)
+    return recent + older + tied
+
+
+@pytest.fixture
+def stored(db_url: str) -> tuple[str, list[TraceContext]]:
+    traces = sample_traces(time.time())
+    with TraceStore(db_url) as store:
+        store.store_batch(traces)
+    return db_url, traces
+
+
+@pytest.fixture
+def legacy_db(db_path: Path) -> tuple[str, list[TraceContext]]:
+    traces = sample_traces(time.time())
+    create_legacy_db(db_path, legacy_rows(traces), orphan_links=[("gone-1", "s-alpha"), ("gone-2", "s-zeta")])
+    return f"sqlite:///{db_path}", traces
+
+
+# -- help and arguments -----------------------------------------------------------------------------
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_every_command_has_help(command: str | None) -> None:
+    result = run(*([command] if command else []), "--help")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("Usage: ")
+    described = main if command is None else main.commands[command]
+    assert described.help and described.help.split("\n")[0] in " ".join(result.output.split())
+    if command is None:
+        assert all(name in result.output for name in COMMANDS)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("600", 600), ("2.5", 2.5), ("30s", 30), ("10m", 600), ("2h", 7200), ("1d", 86400), ("1h30m", 5400),
+     (" 10M ", 600)],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "m", "10q", "-5m", "ten", "1e3", "10m5", "1.m", "9" * 400 + "d"])
+def test_parse_duration_refuses(text: str) -> None:
+    with pytest.raises(click.BadParameter):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("command", ["recent", "explain"])
+def test_bad_duration_is_a_clean_usage_error(stored: tuple[str, list[TraceContext]], command: str) -> None:
+    url, _ = stored
+    result = run(command, "s-alpha", "--url", url, "--since", "10 minutes")
+    assert_clean_failure(result, 2)
+    assert "Invalid value for '--since'" in result.stderr
+    assert "10m" in result.stderr  # the message shows what a duration looks like
+
+
+# -- upgrade / current / downgrade -------------------------------------------------------------------
+def test_upgrade_fresh_file_then_current_is_up_to_date(db_path: Path) -> None:
+    url = f"sqlite:///{db_path}"
+    result = run("--url", url, "upgrade")
+    assert result.exit_code == 0, result.output
+    assert f"-> {head_revision()} (head)" in result.stdout
+    current = run("--url", url, "current")
+    assert current.exit_code == 0, current.output
+    assert f"current revision: {head_revision()}" in current.stdout
+    assert "up to date" in current.stdout
+    again = run("upgrade", "--url", url)
+    assert again.exit_code == 0 and "already at" in again.stdout
+
+
+def test_upgrade_legacy_database_reports_the_backfill(legacy_db: tuple[str, list[TraceContext]]) -> None:
+    url, traces = legacy_db
+    links = sum(len(t.session_uids) for t in traces)
+    result = run("upgrade", "--url", url, "--batch-size", "7")
+    assert result.exit_code == 0, result.output
+    assert "none (legacy or empty database) -> " in result.stdout
+    assert f"{links + 2} junction rows scanned, {links} filled, 2 orphan links removed" in result.stdout
+    assert "index idx_trace_sessions_uid_time: built in" in result.stdout
+    assert current_revision(url) == head_revision()
+    # The upgraded legacy data answers the query like the oracle.
+    recent = run("recent", "s-alpha", "--url", url, "--json", "--limit", "1000")
+    expected = oracle_query(traces, session_uid="s-alpha", since=time.time() - 600)
+    assert [json.loads(line)["id"] for line in recent.stdout.splitlines()] == [t.id for t in expected]
+
+
+def test_upgrade_batch_size_from_the_environment(legacy_db: tuple[str, list[TraceContext]]) -> None:
+    url, _ = legacy_db
+    bad = run("upgrade", "--url", url, env={"TRACESTORE_BATCH_SIZE": "lots"})
+    assert_clean_failure(bad, 2)
+    assert current_revision(url) is None
+    good = run("upgrade", env={"TRACESTORE_BATCH_SIZE": "5", "TRACESTORE_DATABASE_URL": url})
+    assert good.exit_code == 0, good.output
+    assert current_revision(url) == head_revision()
+
+
+def test_upgrade_accepts_an_async_url(db_path: Path) -> None:
+    result = run("--url", f"sqlite+aiosqlite:///{db_path}", "upgrade")
+    assert result.exit_code == 0, result.output
+    assert current_revision(f"sqlite:///{db_path}") == head_revision()
+    assert run("--url", f"sqlite+aiosqlite:///{db_path}", "current").exit_code == 0
+
+
+def test_upgrade_to_an_unknown_revision_is_a_clean_error(db_url: str) -> None:
+    result = run("upgrade", "--url", db_url, "--revision", "nope")
+    assert_clean_failure(result, 2)
+    assert "nope" in result.stderr
+
+
+def test_current_below_head_exits_1(legacy_db: tuple[str, list[TraceContext]]) -> None:
+    url, _ = legacy_db
+    result = run("current", "--url", url)
+    assert result.exit_code == 1
+    assert "current revision: none" in result.stdout
+    assert "tracestore upgrade" in result.stdout
+
+
+def test_downgrade_one_step_and_to_base(db_url: str) -> None:
+    assert run("upgrade", "--url", db_url).exit_code == 0
+    step = run("downgrade", "-1", "--url", db_url)
+    assert step.exit_code == 0, step.output
+    assert current_revision(db_url) == "0004"
+    refused = run("downgrade", "base", "--url", db_url, input="n\n")
+    assert refused.exit_code == 1 and "Aborted" in refused.output
+    assert current_revision(db_url) == "0004"
+    confirmed = run("downgrade", "base", "--url", db_url, input="y\n")
+    assert confirmed.exit_code == 0, confirmed.output
+    assert current_revision(db_url) is None
+
+
+def test_downgrade_to_base_refuses_to_drop_traces(stored: tuple[str, list[TraceContext]]) -> None:
+    url, traces = stored
+    result = run("downgrade", "base", "--url", url, "--yes")
+    assert_clean_failure(result, 1)
+    assert f"{len(traces)} traces" in result.stderr
+    assert current_revision(url) == head_revision()  # refused before any step ran
+    dropped = run("downgrade", "base", "--url", url, "--yes", "--drop-data")
+    assert dropped.exit_code == 0, dropped.output
+    assert current_revision(url) is None
+
+
+# -- recent / explain ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("session_uid", [*SESSIONS, "s-nobody"])
+@pytest.mark.parametrize("limit", [1, 7, 1000])
+def test_recent_returns_what_the_oracle_says(
+    stored: tuple[str, list[TraceContext]], session_uid: str, limit: int
+) -> None:
+    url, traces = stored
+    result = run("recent", session_uid, "--url", url, "--since", "10m", "--limit", str(limit), "--json")
+    assert result.exit_code == 0, result.output
+    expected = oracle_query(traces, session_uid=session_uid, since=time.time() - 600, limit=limit)
+    got = [json.loads(line) for line in result.stdout.splitlines()]
+    assert got == [
+        {
+            "id": t.id,
+            "context_type": t.context_type,
+            "namespace": t.namespace,
+            "data": t.data,
+            "metadata": t.metadata,
+            "session_uids": list(t.session_uids),
+            "created_at": t.created_at,
+            "updated_at": t.updated_at,
+        }
+        for t in expected
+    ]
+    assert f"{len(expected)} traces in " in result.stderr and " ms" in result.stderr
+
+
+def test_recent_plain_lines(stored: tuple[str, list[TraceContext]]) -> None:
+    url, traces = stored
+    result = run("--url", url, "recent", "s-beta", "--since", "2h")
+    assert result.exit_code == 0, result.output
+    expected = oracle_query(traces, session_uid="s-beta", since=time.time() - 7200, limit=100)
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(expected) > 0
+    for line, trace in zip(lines, expected, strict=True):
+        created, trace_id, namespace, context_type, preview = line.split("  ", 4)
+        assert (trace_id, namespace, context_type) == (trace.id, trace.namespace, trace.context_type)
+        assert created.startswith(time.strftime("%Y-", time.gmtime(trace.created_at)))
+        assert len(preview) <= 60 and preview.startswith('{"payload":"')
+
+
+def test_recent_with_an_async_url(stored: tuple[str, list[TraceContext]]) -> None:
+    url, traces = stored
+    result = run("recent", "s-gamma", "--url", url.replace("sqlite://", "sqlite+aiosqlite://"), "--json")
+    assert result.exit_code == 0, result.output
+    expected = oracle_query(traces, session_uid="s-gamma", since=time.time() - 600, limit=100)
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == [t.id for t in expected]
+
+
+def test_explain_uses_the_session_time_index(stored: tuple[str, list[TraceContext]]) -> None:
+    url, _ = stored
+    result = run("explain", "s-alpha", "--url", url, "--since", "1h", "--limit", "50")
+    assert result.exit_code == 0, result.output
+    assert "idx_trace_sessions_uid_time" in result.stdout
+    assert "TEMP B-TREE" not in result.stdout
+
+
+@pytest.mark.parametrize("command", ["recent", "explain"])
+def test_read_commands_refuse_a_legacy_database(legacy_db: tuple[str, list[TraceContext]], command: str) -> None:
+    url, _ = legacy_db
+    result = run(command, "s-alpha", "--url", url)
+    assert_clean_failure(result, 1)
+    assert "tracestore upgrade" in result.stderr
+    assert current_revision(url) is None  # never upgraded behind the user's back
+
+
+@pytest.mark.parametrize("command", ["recent", "explain", "current"])
+def test_read_commands_do_not_create_a_missing_file(tmp_path: Path, command: str) -> None:
+    path = tmp_path / "missing.db"
+    args = [command, "--url", f"sqlite:///{path}"] + (["s-alpha"] if command != "current" else [])
+    result = run(*args)
+    assert_clean_failure(result, 1)
+    assert "no database at" in result.stderr
+    assert not path.exists()
+
+
+def test_invalid_query_arguments_exit_2(stored: tuple[str, list[TraceContext]]) -> None:
+    url, _ = stored
+    result = run("recent", "", "--url", url)
+    assert_clean_failure(result, 2)
+    assert "session_uid" in result.stderr
+
+
+def test_not_a_database_is_a_clean_error(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.db"
+    path.write_bytes(b"this is not a database" * 100)
+    result = run("recent", "s-alpha", "--url", f"sqlite:///{path}")
+    assert_clean_failure(result, 1)
+
+
+def test_a_malformed_url_is_a_usage_error() -> None:
+    result = run("current", "--url", "not a url")
+    assert_clean_failure(result, 2)
+    assert "--url" in result.stderr
+
+
+# -- demo -------------------------------------------------------------------------------------------
+def test_demo_builds_a_database_and_times_the_query(tmp_path: Path) -> None:
+    path = tmp_path / "demo.db"
+    url = f"sqlite:///{path}"
+    result = run("--url", url, "demo", "--traces", "500", "--sessions", "4")
+    assert result.exit_code == 0, result.output
+    assert "Stored 500 traces in 4 sessions" in result.stdout
+    assert "5 rows, median" in result.stdout  # 1% of the traces are the hot session's recent ones
+    assert "idx_trace_sessions_uid_time" in result.stdout
+    assert "TEMP B-TREE" not in result.stdout
+    assert current_revision(url) == head_revision()
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT count(*) FROM traces").fetchone() == (500,)
+    recent = run("--url", url, "recent", "demo-session-0000")
+    assert recent.exit_code == 0 and len(recent.stdout.splitlines()) == 5
+
+    again = run("--url", url, "demo", "--traces", "50")
+    assert_clean_failure(again, 1)
+    assert "--force" in again.stderr
+    forced = run("--url", url, "demo", "--traces", "50", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert "1 rows, median" in forced.stdout
+
+
+def test_demo_needs_a_sqlite_file() -> None:
+    result = run("--url", "sqlite://", "demo", "--traces", "10")
+    assert_clean_failure(result, 2)
+
+
+# -- the installed console script ---------------------------------------------------------------------
+@pytest.mark.skipif(not CONSOLE_SCRIPT.exists(), reason="tracestore console script not installed")
+def test_console_script(tmp_path: Path, legacy_db: tuple[str, list[TraceContext]]) -> None:
+    url, _ = legacy_db
+
+    def script(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(CONSOLE_SCRIPT), *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        )
+
+    assert script("--help").returncode == 0
+    refused = script("recent", "s-alpha", "--url", url)
+    assert refused.returncode == 1
+    assert "tracestore upgrade" in refused.stderr and "Traceback" not in refused.stderr
+    upgraded = script("--url", url, "upgrade", "--batch-size", "10")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert "2 orphan links removed" in upgraded.stdout
+    current = script("current", "--url", url)
+    assert current.returncode == 0 and "up to date" in current.stdout
+    recent = script("recent", "s-alpha", "--url", url)
+    assert recent.returncode == 0 and recent.stdout.strip()
+    assert " traces in " in recent.stderr
