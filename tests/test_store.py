@@ -843,7 +843,7 @@ def legacy_traces() -> list[TraceContext]:
     ]
 
 
-@pytest.mark.parametrize("revision", [None, "0001", "0002", "0003", "0004"])
+@pytest.mark.parametrize("revision", [None, "0001", "0002", "0003"])
 def test_old_revision_refused_without_auto_upgrade(db_path: Path, db_url: str, revision: str | None) -> None:
     create_legacy_db(db_path, LEGACY_ROWS)
     if revision is not None:

