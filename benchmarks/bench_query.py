@@ -44,9 +44,10 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from tracestore import AsyncTraceStore, TraceContext, TraceStore
 from tracestore.engine import SQLITE_PRAGMAS
 from tracestore.migrate import upgrade
-from tracestore.queries import query_statement, statements_for
+from tracestore.queries import compiled, query_statement, statements_for
 from tracestore.testing.bulk import GenerateReport, generate_legacy
 
+SQLITE = sqlite_dialect.dialect()
 NOW = 1_750_000_000.0  # fixed, so a kept file and a fresh one hold the same rows
 WINDOW_S = 600.0
 LATEST = 100
@@ -132,10 +133,10 @@ def store_sql(*, session_uid: str, since: float | None = None, limit: int | None
         until=None,
         limit=limit,
     )
-    compiled = stmt.compile(dialect=sqlite_dialect.dialect())
-    values = compiled.construct_params(params)
-    assert compiled.positiontup is not None
-    return str(compiled), tuple(values[name] for name in compiled.positiontup)
+    query = compiled(stmt, SQLITE)
+    args = query.args(params)
+    assert isinstance(args, tuple)
+    return query.sql, args
 
 
 def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
@@ -235,29 +236,19 @@ def _encoded(trace: TraceContext) -> dict[str, Any]:
 
 
 def raw_store_writer(connection: sqlite3.Connection) -> Callable[[list[TraceContext]], None]:
-    """The store's three write statements, compiled and run with plain sqlite3: the write floor."""
+    """The store's two write statements, compiled and run with plain sqlite3: the write floor."""
     sql = statements_for("sqlite")
-    compiled = [
-        stmt.compile(dialect=sqlite_dialect.dialect()) for stmt in (sql.upsert_trace, sql.move_links, sql.insert_link)
-    ]
-    (upsert, upsert_names), (move, move_names), (link, link_names) = (
-        (str(c), tuple(c.positiontup or ())) for c in compiled
-    )
+    upsert, link = compiled(sql.upsert_trace, SQLITE), compiled(sql.insert_link, SQLITE)
 
     def write(batch: list[TraceContext]) -> None:
-        traces, moves, links = [], [], []
+        traces, links = [], []
         for trace in batch:
-            row = _encoded(trace)
-            traces.append(tuple(row[name] for name in upsert_names))
-            move_row = {"link_trace_id": trace.id, "link_created_at": trace.created_at}
-            moves.append(tuple(move_row[name] for name in move_names))
+            traces.append(upsert.args(_encoded(trace)))
             for uid in trace.session_uids:
-                link_row = {"trace_id": trace.id, "session_uid": uid, "created_at": trace.created_at}
-                links.append(tuple(link_row[name] for name in link_names))
+                links.append(link.args({"trace_id": trace.id, "session_uid": uid, "created_at": trace.created_at}))
         connection.execute("BEGIN IMMEDIATE")
-        connection.executemany(upsert, traces)
-        connection.executemany(move, moves)
-        connection.executemany(link, links)
+        connection.executemany(upsert.sql, traces)
+        connection.executemany(link.sql, links)
         connection.execute("COMMIT")
 
     return write

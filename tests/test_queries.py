@@ -179,7 +179,7 @@ def test_statements_are_built_once() -> None:
         assert statements.all_traces(**kwargs) is everything
         shapes.update({id(session), id(everything)})
     assert len(shapes) == 2 * len(FLAG_COMBINATIONS)
-    for name in ("upsert_trace", "move_links", "insert_link", "delete_trace", "get_trace"):
+    for name in ("upsert_trace", "insert_link", "delete_trace", "get_trace"):
         assert getattr(statements, name) is getattr(statements, name)
 
 
@@ -247,7 +247,7 @@ count = 0
 for dialect_name, dialect in (("sqlite", sqlite.dialect()), ("postgresql", postgresql.dialect())):
     statements = queries.statements_for(dialect_name)
     built = [getattr(statements, name) for name in
-             ("upsert_trace", "move_links", "insert_link", "delete_trace", "get_trace")]
+             ("upsert_trace", "insert_link", "delete_trace", "get_trace")]
     for flags in itertools.product([False, True], repeat=5):
         kwargs = dict(zip(("since", "until", "limit", "namespace", "context_type"), flags))
         built += [statements.session_traces(**kwargs), statements.all_traces(**kwargs)]
@@ -264,4 +264,4 @@ def test_building_statements_needs_no_engine() -> None:
         [sys.executable, "-c", textwrap.dedent(NO_IO_SCRIPT)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(2 * (5 + 2 * len(FLAG_COMBINATIONS)))
+    assert result.stdout.strip() == str(2 * (4 + 2 * len(FLAG_COMBINATIONS)))

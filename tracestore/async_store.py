@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
@@ -16,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tracestore.engine import SINGLE_STATEMENT_READ, WRITE, configure_async_engine, create_async_engine
 from tracestore.migrate import ensure_head
-from tracestore.queries import Statements, explain_statement, statements_for
+from tracestore.queries import DriverSQL, Statements, compiled, explain_statement, statements_for
 from tracestore.rows import (
     WriteBatch,
     check_query_string,
@@ -84,21 +85,22 @@ class AsyncTraceStore:
         if not self._ready:
             await self._open()
         try:
+            upsert, link = self._driver_sql(self._sql.upsert_trace), self._driver_sql(self._sql.insert_link)
             async with self._write_engine.begin() as conn:
-                await conn.execute(self._sql.upsert_trace, batch.trace_params)
-                await conn.execute(self._sql.move_links, batch.move_params)
+                await conn.exec_driver_sql(upsert.sql, [upsert.args(row) for row in batch.trace_params])
                 if batch.link_params:
-                    await conn.execute(self._sql.insert_link, batch.link_params)
+                    await conn.exec_driver_sql(link.sql, [link.args(row) for row in batch.link_params])
         except SQLAlchemyError as exc:
             raise storage_error("store failed, nothing of the batch was written", exc) from exc
 
     async def delete(self, trace_id: str) -> bool:
-        params = {"id": check_trace_id(trace_id)}
+        query = self._driver_sql(self._sql.delete_trace)
+        args = query.args({"id": check_trace_id(trace_id)})
         if not self._ready:
             await self._open()
         try:
             async with self._write_engine.begin() as conn:
-                return bool((await conn.execute(self._sql.delete_trace, params)).rowcount)
+                return bool((await conn.exec_driver_sql(query.sql, args)).rowcount)
         except SQLAlchemyError as exc:
             raise storage_error("delete failed", exc) from exc
 
@@ -148,15 +150,26 @@ class AsyncTraceStore:
         except SQLAlchemyError as exc:
             raise storage_error("explain failed", exc) from exc
 
+    def _driver_sql(self, stmt: Any) -> DriverSQL:
+        return compiled(stmt, self._engine.dialect)
+
     async def _fetch(self, stmt: Any, params: dict[str, Any]) -> list[Any]:
         if not self._ready:
             await self._open()
+        query = self._driver_sql(stmt)
+        args = query.args(params)
         try:
             async with self._read_engine.connect() as conn:
                 if plan_log.isEnabledFor(logging.DEBUG):
                     plan_log.debug("plan:\n  %s", "\n  ".join(await _plan(conn, stmt, params)))
-                return (await conn.execute(stmt, params)).all()  # type: ignore[return-value]
-        except SQLAlchemyError as exc:
+                if self._engine.dialect.driver == "aiosqlite":
+                    # One thread round trip instead of five (cursor, execute, fetchall, close through
+                    # SQLAlchemy's adapter): 3.8x -> 2.0x of raw sqlite3 on a latest-100 read. The price:
+                    # these reads do not fire SQLAlchemy's cursor events or echo.
+                    raw = await conn.get_raw_connection()
+                    return list(await raw.driver_connection.execute_fetchall(query.sql, args))  # type: ignore[union-attr]
+                return list((await conn.exec_driver_sql(query.sql, args)).all())
+        except (SQLAlchemyError, sqlite3.Error) as exc:
             raise storage_error("query failed", exc) from exc
 
     # -- lifecycle --------------------------------------------------------------------------------

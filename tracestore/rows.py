@@ -8,7 +8,6 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Select
-from sqlalchemy.exc import SQLAlchemyError
 
 from tracestore.errors import InvalidQueryError, InvalidTraceError, StorageError
 from tracestore.queries import Statements, query_statement
@@ -21,11 +20,10 @@ _from_db = TraceContext._from_db
 class WriteBatch:
     """Parameter lists for one write transaction, built (and so validated) before touching the database."""
 
-    __slots__ = ("link_params", "move_params", "trace_params")
+    __slots__ = ("link_params", "trace_params")
 
     def __init__(self, traces: Iterable[TraceContext]) -> None:
         self.trace_params: list[dict[str, Any]] = []
-        self.move_params: list[dict[str, Any]] = []
         self.link_params: list[dict[str, Any]] = []
         # The same id twice in one batch behaves like two store() calls: the last one's fields win
         # and the sessions add up, all stamped with the final created_at.
@@ -49,7 +47,6 @@ class WriteBatch:
         for trace_id, row in rows.items():
             created_at = row["created_at"]
             self.trace_params.append(row)
-            self.move_params.append({"link_trace_id": trace_id, "link_created_at": created_at})
             self.link_params.extend(
                 {"trace_id": trace_id, "session_uid": uid, "created_at": created_at}
                 for uid in sorted(sessions[trace_id])
@@ -161,6 +158,6 @@ def prepare_query(
     return query_statement(statements, **args)
 
 
-def storage_error(action: str, exc: SQLAlchemyError) -> StorageError:
+def storage_error(action: str, exc: Exception) -> StorageError:
     """A StorageError naming what failed and the driver's own reason (chain it with `from exc`)."""
     return StorageError(f"{action}: {getattr(exc, 'orig', None) or exc}")

@@ -13,7 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from tracestore.engine import SINGLE_STATEMENT_READ, WRITE, configure_engine, create_engine, missing_sqlite_file
 from tracestore.errors import SchemaOutOfDateError
 from tracestore.migrate import ensure_head
-from tracestore.queries import Statements, explain_statement, statements_for
+from tracestore.queries import DriverSQL, Statements, compiled, explain_statement, statements_for
 from tracestore.rows import (
     WriteBatch,
     check_query_string,
@@ -75,20 +75,21 @@ class TraceStore:
         if not batch.trace_params:
             return
         try:
+            upsert, link = self._driver_sql(self._sql.upsert_trace), self._driver_sql(self._sql.insert_link)
             with self._write_engine.begin() as conn:
-                conn.execute(self._sql.upsert_trace, batch.trace_params)
-                conn.execute(self._sql.move_links, batch.move_params)
+                conn.exec_driver_sql(upsert.sql, [upsert.args(row) for row in batch.trace_params])
                 if batch.link_params:
-                    conn.execute(self._sql.insert_link, batch.link_params)
+                    conn.exec_driver_sql(link.sql, [link.args(row) for row in batch.link_params])
         except SQLAlchemyError as exc:
             raise storage_error("store failed, nothing of the batch was written", exc) from exc
 
     def delete(self, trace_id: str) -> bool:
         """Delete a trace and its session links; False if there was no such trace."""
-        params = {"id": check_trace_id(trace_id)}
+        query = self._driver_sql(self._sql.delete_trace)
+        args = query.args({"id": check_trace_id(trace_id)})
         try:
             with self._write_engine.begin() as conn:
-                return bool(conn.execute(self._sql.delete_trace, params).rowcount)
+                return bool(conn.exec_driver_sql(query.sql, args).rowcount)
         except SQLAlchemyError as exc:
             raise storage_error("delete failed", exc) from exc
 
@@ -139,12 +140,16 @@ class TraceStore:
         except SQLAlchemyError as exc:
             raise storage_error("explain failed", exc) from exc
 
+    def _driver_sql(self, stmt: Any) -> DriverSQL:
+        return compiled(stmt, self._engine.dialect)
+
     def _fetch(self, stmt: Any, params: dict[str, Any]) -> list[Any]:
+        query = self._driver_sql(stmt)
         try:
             with self._read_engine.connect() as conn:
                 if plan_log.isEnabledFor(logging.DEBUG):
                     plan_log.debug("plan:\n  %s", "\n  ".join(_plan(conn, stmt, params)))
-                return conn.execute(stmt, params).all()  # type: ignore[return-value]
+                return conn.exec_driver_sql(query.sql, query.args(params)).all()  # type: ignore[return-value]
         except SQLAlchemyError as exc:
             raise storage_error("query failed", exc) from exc
 
