@@ -762,13 +762,16 @@ def test_reads_see_one_snapshot(any_store: TraceStore) -> None:
 def test_each_store_read_is_one_statement(any_store: TraceStore) -> None:
     # The store skips BEGIN for its reads (engine.SINGLE_STATEMENT_READ): that is only a single
     # snapshot because every read is exactly one SELECT, which this pins down.
+    # Reads go straight to the DBAPI cursor (no SQLAlchemy cursor events), so SQLite itself reports
+    # every statement each connection runs, BEGIN and ROLLBACK included.
     any_store.store(make(id="x", session_uids=["a"]))
     executed: list[str] = []
 
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        executed.append(statement.split()[0].upper())
+    def trace_connection(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.set_trace_callback(lambda statement: executed.append(statement.split()[0].upper()))
 
-    sqlalchemy.event.listen(any_store.engine, "before_cursor_execute", record)
+    sqlalchemy.event.listen(any_store.engine, "connect", trace_connection)
+    any_store.engine.dispose()
     try:
         reads: list[Callable[[], Any]] = [
             lambda: any_store.get("x"),
@@ -782,7 +785,8 @@ def test_each_store_read_is_one_statement(any_store: TraceStore) -> None:
             read()
             assert executed == ["SELECT"]
     finally:
-        sqlalchemy.event.remove(any_store.engine, "before_cursor_execute", record)
+        sqlalchemy.event.remove(any_store.engine, "connect", trace_connection)
+        any_store.engine.dispose()
 
 
 def test_writes_take_the_write_lock_up_front(any_store: TraceStore) -> None:

