@@ -295,18 +295,23 @@ def test_backfill_counts_reach_the_log(legacy_db: Path) -> None:
         assert connection.execute("SELECT count(*) FROM sqlite_stat1").fetchone()[0] > 0  # ANALYZE ran
 
 
+LINKS_WITH_TIME = "SELECT trace_id, session_uid, created_at FROM trace_sessions ORDER BY 1, 2"
+
+
 def test_writers_of_the_previous_release_are_kept_right_from_0002_on(tmp_path: Path) -> None:
-    """After the add-column step (before any backfill), legacy-style writes keep the invariant."""
+    """After the add-column step, a legacy-style change of created_at moves the links (trigger), and
+    links inserted without created_at are filled by the backfill."""
     path = tmp_path / "rolling.db"
     create_legacy_db(path, [("t1", "a", "b", 1, {}, 10.0, 10.0, ("s",))])
     upgrade(f"sqlite:///{path}", "0002")
     with sqlite3.connect(path) as old_writer:  # the previous release: no created_at in its INSERT
         old_writer.execute("INSERT INTO traces VALUES ('t2', 'a', 'b', '2', '{}', 20.0, 20.0)")
         old_writer.execute("INSERT INTO trace_sessions (trace_id, session_uid) VALUES ('t2', 's')")
+        old_writer.execute("INSERT INTO trace_sessions (trace_id, session_uid) VALUES ('t1', 'other')")
         old_writer.execute("UPDATE traces SET created_at = 15.0 WHERE id = 't2'")
-        rows = old_writer.execute("SELECT trace_id, created_at FROM trace_sessions ORDER BY 1").fetchall()
-    assert rows == [("t1", None), ("t2", 15.0)]  # t1 predates 0002: the backfill's job
+        rows = old_writer.execute(LINKS_WITH_TIME).fetchall()
+    assert rows == [("t1", "other", None), ("t1", "s", None), ("t2", "s", 15.0)]
     upgrade(f"sqlite:///{path}")
     with sqlite3.connect(path) as connection:
-        rows = connection.execute("SELECT trace_id, created_at FROM trace_sessions ORDER BY 1").fetchall()
-    assert rows == [("t1", 10.0), ("t2", 15.0)]
+        rows = connection.execute(LINKS_WITH_TIME).fetchall()
+    assert rows == [("t1", "other", 10.0), ("t1", "s", 10.0), ("t2", "s", 15.0)]

@@ -20,7 +20,8 @@ def test_trace_columns_are_the_legacy_ones() -> None:
         assert not table.c[name].nullable, name
     assert isinstance(table.c.data.type, Text)
     assert isinstance(table.c.created_at.type.dialect_impl(sqlite.dialect()), REAL)
-    assert {index.name for index in table.indexes} == {"idx_traces_created_at", "idx_traces_type", "idx_traces_namespace"}
+    legacy_indexes = {"idx_traces_created_at", "idx_traces_type", "idx_traces_namespace"}
+    assert {index.name for index in table.indexes} == legacy_indexes
 
 
 def test_trace_session_key_foreign_key_and_index() -> None:

@@ -447,17 +447,6 @@ def test_restore_same_time_is_idempotent(store: TraceStore, db_path: Path) -> No
     assert links(db_path, "x") == [("a", T0), ("b", T0)]
 
 
-def test_restore_restamps_links_written_without_time(store: TraceStore, db_path: Path) -> None:
-    # A writer of the previous release inserts links without created_at during a rolling deploy.
-    store.store(make(id="x", session_uids=["a"], created_at=T0))
-    with sqlite3.connect(db_path) as connection:
-        connection.execute("INSERT INTO trace_sessions (trace_id, session_uid) VALUES ('x', 'old')")
-    connection.close()
-    store.store(make(id="x", created_at=T0))
-    assert links(db_path, "x") == [("a", T0), ("old", T0)]
-    assert [trace.id for trace in store.get_by_session_uid("old", since=T0)] == ["x"]
-
-
 def test_same_id_twice_in_one_batch_behaves_like_two_stores(store: TraceStore, db_path: Path) -> None:
     first = make(id="x", data=1, session_uids=["a"], created_at=T0)
     second = make(id="x", data=2, session_uids=["b"], created_at=T0 + 100)
