@@ -14,7 +14,6 @@ from tracestore.queries import Statements, query_statement
 from tracestore.types import TraceContext, check_identifier
 
 _loads = orjson.loads
-_from_db = TraceContext._from_db
 
 
 class WriteBatch:
@@ -71,24 +70,30 @@ def _dumps(field_name: str, trace: TraceContext) -> str:
 
 def decode_row(row: Sequence[Any]) -> TraceContext:
     """A result row of any trace-returning statement (see queries._trace_columns) as a TraceContext."""
-    trace_id, context_type, namespace, data, metadata, created_at, updated_at, sessions = row
-    try:
-        return _from_db(
-            trace_id,
-            context_type,
-            namespace,
-            _loads(data),
-            _loads(metadata) if metadata is not None else {},
-            created_at,
-            updated_at,
-            tuple(sorted(_loads(sessions))) if sessions is not None else (),
-        )
-    except orjson.JSONDecodeError as exc:
-        raise StorageError(f"trace {trace_id!r} holds invalid JSON: {exc}") from exc
+    return decode_rows((row,))[0]
 
 
 def decode_rows(rows: Iterable[Sequence[Any]]) -> list[TraceContext]:
-    return [decode_row(row) for row in rows]
+    """Result rows as TraceContexts: the hot loop of every read, so one flat loop with no calls per row
+    beyond the JSON decoding (this loop is ~a quarter of a 1,000-row window read)."""
+    loads, new, cls = _loads, object.__new__, TraceContext
+    traces = []
+    try:
+        for trace_id, context_type, namespace, data, metadata, created_at, updated_at, sessions in rows:
+            trace = new(cls)
+            trace.id = trace_id
+            trace.context_type = context_type
+            trace.namespace = namespace
+            trace.data = loads(data)
+            trace.metadata = loads(metadata) if metadata is not None else {}
+            trace.created_at = created_at
+            trace.updated_at = updated_at
+            # Rows the store wrote are already validated: no TraceContext.__post_init__ checks here.
+            trace.session_uids = tuple(sorted(loads(sessions))) if sessions is not None else ()
+            traces.append(trace)
+    except orjson.JSONDecodeError as exc:
+        raise StorageError(f"trace {trace_id!r} holds invalid JSON: {exc}") from exc
+    return traces
 
 
 def check_query_args(

@@ -106,27 +106,3 @@ class TraceContext:
         self.created_at = check_timestamp("created_at", self.created_at)
         self.updated_at = check_timestamp("updated_at", self.updated_at)
         self.session_uids = _normalize_sessions(self.session_uids)
-
-    @classmethod
-    def _from_db(
-        cls,
-        trace_id: str,
-        context_type: str,
-        namespace: str,
-        data: JSONValue,
-        metadata: dict[str, Any],
-        created_at: float,
-        updated_at: float,
-        session_uids: tuple[str, ...],
-    ) -> TraceContext:
-        """Build from a row the store wrote itself: already validated, so skip the checks (hot path)."""
-        self = object.__new__(cls)
-        self.id = trace_id
-        self.context_type = context_type
-        self.namespace = namespace
-        self.data = data
-        self.metadata = metadata
-        self.created_at = created_at
-        self.updated_at = updated_at
-        self.session_uids = session_uids
-        return self
