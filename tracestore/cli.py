@@ -1,4 +1,4 @@
-"""What the command line offers: migrations, schema status, the recent-traces query and a demo.
+"""What the command line offers: migrations, schema status and checks, the recent-traces query and a demo.
 
 Thin on purpose: each command parses its arguments, calls the public API (TraceStore,
 tracestore.migrate) and prints. Library errors become a one-line message and exit code 1
@@ -39,10 +39,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from tracestore import migrate
+from tracestore.backfill import DEFAULT_BATCH_SIZE
 from tracestore.engine import sync_url
 from tracestore.errors import InvalidQueryError, InvalidTraceError, RevisionError, TraceStoreError
 from tracestore.store import DEFAULT_URL, TraceStore
 from tracestore.types import TraceContext
+from tracestore.verify import verify
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -237,8 +239,8 @@ def configure_logging(verbose: bool, console: Console) -> None:
 def main(ctx: click.Context, url: str, verbose: bool) -> None:
     """tracestore: application traces in SQL, with fast time-bounded session queries.
 
-    Migrate a database with `upgrade`, check it with `current`, read a session's recent traces with
-    `recent` (and its query plan with `explain`), or try it all on synthetic data with `demo`.
+    Migrate a database with `upgrade`, check it with `current` and `verify`, read a session's recent
+    traces with `recent` (and its query plan with `explain`), or try it all on synthetic data with `demo`.
     """
     err = stderr()
     configure_logging(verbose, err)
@@ -336,6 +338,55 @@ def current(ctx: click.Context, settings: Settings, command_url: str | None) -> 
         out.print("up to date")
         return
     out.print(f"not up to date: run `tracestore upgrade --url {escape(shown(url))}`")
+    ctx.exit(1)
+
+
+@main.command("verify")
+@url_option
+@click.option("--fix", is_flag=True, help="Repair what can be repaired (links, index, trigger), then check again.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    envvar="TRACESTORE_BATCH_SIZE",
+    show_envvar=True,
+    default=None,
+    help="Junction rows per repair transaction with --fix (default 20000).",
+)
+@click.pass_obj
+@click.pass_context
+def verify_command(
+    ctx: click.Context, settings: Settings, command_url: str | None, fix: bool, batch_size: int | None
+) -> None:
+    """Check the schema revision, the links' created_at, orphan links, the index, the trigger and the file.
+
+    One line per check; exit code 1 if any fails. Nothing is written unless --fix is given: it
+    recreates a missing or ascending index and a missing trigger, and repairs links in batches, each
+    its own short transaction. It never runs migrations (`tracestore upgrade` does) and never repairs
+    a damaged file (integrity_check).
+    """
+    url = database_url(settings, command_url)
+    require_database(url)
+    with ProgressBar("repair trace_sessions", settings.err) as progress:
+        report = verify(url, fix=fix, batch_size=batch_size or DEFAULT_BATCH_SIZE, on_progress=progress)
+    out = stdout()
+    for repair in report.repairs:
+        out.print(f"repaired: {escape(repair)}")
+    if report.not_repaired:
+        out.print(f"repaired nothing: {escape(report.not_repaired)}")
+    for check in report.checks:
+        status = "[green]ok[/green]  " if check.ok else "[red]FAIL[/red]"
+        line = f"{status}  {escape(check.title)}"
+        if check.problem:
+            line += f": {escape(check.problem)}"
+        if check.details:
+            details = escape("; ".join(check.details))
+            line += f": {details}" if check.ok else f" (e.g. {details})"
+        out.print(line)
+    if report.ok:
+        out.print(f"all {len(report.checks)} checks ok")
+        return
+    hint = "; `tracestore verify --fix` repairs them" if report.repairable and not fix else ""
+    out.print(f"{len(report.problems)} of {len(report.checks)} checks failed{hint}")
     ctx.exit(1)
 
 

@@ -46,6 +46,14 @@ def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
         cursor.close()
 
 
+def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy: Any) -> None:
+    # SQLAlchemy resets a connection's isolation level when it comes back from an AUTOCOMMIT block
+    # (Alembic's autocommit_block in the backfill, verify --fix), and pysqlite's reset hands
+    # transaction control back to the driver: take it again before anyone uses the connection.
+    if dbapi_connection.isolation_level is not None:
+        dbapi_connection.isolation_level = None
+
+
 def _on_begin(conn: Any) -> None:
     options = conn.get_execution_options()
     if options.get("isolation_level") == "AUTOCOMMIT":
@@ -65,6 +73,7 @@ def configure_engine(engine: Engine) -> Engine:
     if engine.dialect.name != "sqlite" or getattr(engine, _CONFIGURED, False):
         return engine
     event.listen(engine, "connect", _on_connect)
+    event.listen(engine, "checkout", _on_checkout)
     event.listen(engine, "begin", _on_begin)
     setattr(engine, _CONFIGURED, True)
     # Connections pooled before the listeners existed lack the pragmas: start a fresh pool.

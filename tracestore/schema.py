@@ -6,9 +6,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection, Index, TextClause, inspect, text
+from sqlalchemy.schema import CreateIndex, DropIndex
 
 from tracestore.errors import TraceStoreError
+from tracestore.models import SESSION_TIME_INDEX, SESSION_TIME_INDEX_COLUMNS, Base
+
+# Moves a trace's links when its created_at changes, whoever changes it (revision 0002 creates it).
+FOLLOW_TRIGGER = "trace_sessions_follow_created_at"
+# Bounded ANALYZE: statistics from a sample of each index, seconds even at 100 GB.
+BOUNDED_ANALYZE = ("PRAGMA analysis_limit=1000", "ANALYZE", "PRAGMA analysis_limit=0")
 
 
 def _pragma(connection: Connection, statement: str) -> Any:
@@ -72,8 +79,6 @@ def index_shape(connection: Connection, index: str) -> tuple[tuple[str, bool], .
 
 def session_index_drift(connection: Connection) -> str | None:
     """Why idx_trace_sessions_uid_time differs from the model (missing, ascending, other columns), or None."""
-    from tracestore.models import SESSION_TIME_INDEX, SESSION_TIME_INDEX_COLUMNS
-
     if connection.dialect.name != "sqlite":
         return None  # other dialects reflect sort order, so Alembic's own comparison covers them
     shape = index_shape(connection, SESSION_TIME_INDEX)
@@ -82,6 +87,33 @@ def session_index_drift(connection: Connection) -> str | None:
     if shape != SESSION_TIME_INDEX_COLUMNS:
         return f"index {SESSION_TIME_INDEX} is {shape}, expected {SESSION_TIME_INDEX_COLUMNS}"
     return None
+
+
+# -- DDL shared by the migrations and `tracestore verify --fix` ----------------------------------------
+def create_follow_trigger() -> TextClause:
+    """The trigger that keeps trace_sessions.created_at equal to its trace's when traces.created_at changes."""
+    return text(
+        f"CREATE TRIGGER IF NOT EXISTS {FOLLOW_TRIGGER} AFTER UPDATE OF created_at ON traces"
+        " WHEN NEW.created_at IS NOT OLD.created_at"
+        " BEGIN UPDATE trace_sessions SET created_at = NEW.created_at WHERE trace_id = NEW.id; END"
+    )
+
+
+def drop_follow_trigger() -> TextClause:
+    return text(f"DROP TRIGGER IF EXISTS {FOLLOW_TRIGGER}")
+
+
+def _session_index() -> Index:
+    return next(index for index in Base.metadata.tables["trace_sessions"].indexes if index.name == SESSION_TIME_INDEX)
+
+
+def create_session_index() -> CreateIndex:
+    """CREATE INDEX IF NOT EXISTS idx_trace_sessions_uid_time, with its DESC columns, from the model."""
+    return CreateIndex(_session_index(), if_not_exists=True)
+
+
+def drop_session_index() -> DropIndex:
+    return DropIndex(_session_index(), if_exists=True)
 
 
 def refuse_dropping_traces(connection: Connection, *, drop_data: bool) -> None:

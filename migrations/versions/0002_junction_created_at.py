@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 from tracestore.models import EpochSeconds
-from tracestore.schema import column_names, index_names
+from tracestore.schema import column_names, create_follow_trigger, drop_follow_trigger, index_names
 
 revision = "0002"
 down_revision = "0001"
@@ -25,22 +25,15 @@ branch_labels = None
 depends_on = None
 
 
-FOLLOW_TRIGGER = "trace_sessions_follow_created_at"
-
-
 def upgrade() -> None:
     # A database that ran the spec's hand-written migration may already have the column.
     if "created_at" not in column_names(op.get_bind(), "trace_sessions"):
         op.add_column("trace_sessions", sa.Column("created_at", EpochSeconds, nullable=True))
-    op.execute(
-        f"CREATE TRIGGER IF NOT EXISTS {FOLLOW_TRIGGER} AFTER UPDATE OF created_at ON traces"
-        " WHEN NEW.created_at IS NOT OLD.created_at"
-        " BEGIN UPDATE trace_sessions SET created_at = NEW.created_at WHERE trace_id = NEW.id; END"
-    )
+    op.execute(create_follow_trigger())
 
 
 def downgrade() -> None:
-    op.execute(f"DROP TRIGGER IF EXISTS {FOLLOW_TRIGGER}")
+    op.execute(drop_follow_trigger())
     # SQLite >= 3.35 drops a column in place (no batch-mode copy of the table). It refuses while an
     # index names the column, hence the check: 0004's downgrade normally removed it already.
     if "idx_trace_sessions_uid_time" in index_names(op.get_bind(), "trace_sessions"):

@@ -20,10 +20,10 @@ from __future__ import annotations
 import logging
 import time
 
-import sqlalchemy as sa
 from alembic import context, op
 
-from tracestore.models import SESSION_TIME_INDEX, SESSION_TIME_INDEX_COLUMNS
+from tracestore.models import SESSION_TIME_INDEX
+from tracestore.schema import BOUNDED_ANALYZE, create_session_index, drop_session_index
 
 revision = "0004"
 down_revision = "0003"
@@ -39,17 +39,10 @@ def upgrade() -> None:
     started = time.monotonic()
     for name, _ in REDUNDANT_INDEXES:
         op.drop_index(name, table_name="trace_sessions", if_exists=True)
-    op.create_index(
-        SESSION_TIME_INDEX,
-        "trace_sessions",
-        [sa.text(f"{name} DESC") if desc else name for name, desc in SESSION_TIME_INDEX_COLUMNS],
-        if_not_exists=True,
-    )
+    op.execute(create_session_index())
     built = time.monotonic()
-    # Bounded ANALYZE: statistics from a sample of each index, seconds even at 100 GB.
-    op.execute("PRAGMA analysis_limit=1000")
-    op.execute("ANALYZE")
-    op.execute("PRAGMA analysis_limit=0")
+    for statement in BOUNDED_ANALYZE:
+        op.execute(statement)
     analyzed = time.monotonic()
     context.config.attributes.setdefault("reports", {})["index"] = {
         "index_seconds": built - started,
@@ -59,6 +52,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_index(SESSION_TIME_INDEX, table_name="trace_sessions", if_exists=True)
+    op.execute(drop_session_index())
     for name, columns in REDUNDANT_INDEXES:
         op.create_index(name, "trace_sessions", columns, if_not_exists=True)
