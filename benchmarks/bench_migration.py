@@ -1,0 +1,543 @@
+"""Benchmark of `upgrade head` on a legacy file while the previous release keeps writing to it (issue 3).
+
+One run, one data set:
+  1. generate a legacy-schema file with tracestore.testing.bulk (the same file bench_query.py uses, so a
+     file kept by either benchmark is reused by the other with --keep) and copy it to a work file;
+  2. start a writer process playing the previous release during a rolling deploy: plain sqlite3 (WAL,
+     busy_timeout 60 s, synchronous NORMAL), one trace per BEGIN IMMEDIATE ... COMMIT, junction rows
+     inserted without created_at, each transaction's latency recorded;
+  3. upgrade the work file step by step (0001, 0002, 0003, 0004), timing each step, while it writes;
+  4. stop the writer, check the file (links whose created_at is not their trace's, orphans,
+     integrity_check), and print the figures next to the issue's targets (JSON with --json).
+
+    python benchmarks/bench_migration.py --scale 1m [--batch-size N] [--writer-rate 500] [--keep] [--json out.json]
+
+Exit status: 0 when the migrated file is right (missed targets are reported, not fatal); 2 when it is not:
+the upgrade failed, the writer lost a write, integrity_check failed, orphans are left, or a link is wrong
+other than the known case (links the old writer inserts after the backfill has passed them stay NULL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench_query import (
+    DEFAULT_WORKDIR,
+    HOT_UID,
+    NOW,
+    WINDOW_S,
+    checkpoint,
+    copy_db,
+    git_revision,
+    parse_scale,
+    remove_db,
+)
+
+from tracestore.backfill import DEFAULT_BATCH_SIZE
+from tracestore.errors import StorageError
+from tracestore.migrate import current_revision, head_revision, upgrade
+from tracestore.testing.bulk import GenerateReport, generate_legacy
+
+STEPS = {
+    "0001": "0001 adopt the legacy schema",
+    "0002": "0002 add column + trigger",
+    "0003": "0003 backfill",
+    "0004": "0004 index build + ANALYZE",
+}
+STALL_TARGET_S = 1.0
+SIZE_TARGET = 1.05
+WRITER_NAMESPACE = "rolling-deploy-writer"  # marks the writer's traces in the work file
+
+# The previous release, as a separate process: its own connection, SQL naming explicit columns, so it
+# keeps working after 0002 adds trace_sessions.created_at (its links get NULL there).
+WRITER_SCRIPT = r"""
+import json, random, sqlite3, sys, threading, time, uuid
+
+path, rate, seed, namespace = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+connection = sqlite3.connect(path, isolation_level=None)
+connection.execute("PRAGMA busy_timeout=60000")
+connection.execute("PRAGMA journal_mode=WAL")
+connection.execute("PRAGMA synchronous=NORMAL")
+insert_trace = ("INSERT INTO traces (id, context_type, namespace, data, metadata, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)")
+insert_link = "INSERT INTO trace_sessions (trace_id, session_uid) VALUES (?, ?)"
+rng = random.Random(seed)
+others = [f"rolling-{k:04d}" for k in range(500)]
+filler = "".join(rng.choices("abcdefghijklmnopqrstuvwxyz ", k=4096))
+metadata = json.dumps({"host": "worker-01", "sdk": "0.9.0", "attempt": 1})
+interval = 1.0 / rate if rate > 0 else 0.0
+starts, latencies, waits, commits, failures = [], [], [], [], []
+due = time.perf_counter()
+while not stop.is_set():
+    if interval:
+        wait = due - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        due = max(due + interval, time.perf_counter())  # after a stall, carry on at the rate; no burst
+    trace_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    sessions = {"hot" if rng.random() < 0.1 else rng.choice(others)}
+    if rng.random() < 0.2:
+        sessions.add(rng.choice(others))
+    offset = rng.randrange(len(filler) - 250)
+    data = json.dumps({"seq": len(starts), "text": filler[offset:offset + 250]})
+    now = time.time()
+    started = time.perf_counter_ns()
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        locked = time.perf_counter_ns()
+        connection.execute(insert_trace, (trace_id, "llm_call", namespace, data, metadata, now, now))
+        for uid in sorted(sessions):
+            connection.execute(insert_link, (trace_id, uid))
+        committing = time.perf_counter_ns()
+        connection.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        failures.append(f"{type(exc).__name__}: {exc}")
+        continue
+    latencies.append(time.perf_counter_ns() - started)
+    starts.append(started)
+    waits.append(locked - started)  # BEGIN IMMEDIATE: waiting for the write lock
+    commits.append(time.perf_counter_ns() - committing)  # COMMIT, with any WAL auto-checkpoint it runs
+    if len(starts) == 1:
+        print("ready", flush=True)
+connection.close()
+result = {"starts_ns": starts, "latencies_ns": latencies, "waits_ns": waits, "commits_ns": commits,
+          "failures": failures}
+print(json.dumps(result), flush=True)
+"""
+
+
+@dataclass
+class Line:
+    """One row of the results table."""
+
+    label: str
+    measured: str
+    target: str = ""
+    ok: bool | None = None
+
+    def verdict(self) -> str:
+        return "" if self.ok is None else ("ok" if self.ok else "MISSED")
+
+
+class Writer:
+    """The writer process; started before the upgrade, stopped after it. perf_counter_ns is
+    CLOCK_MONOTONIC on Linux, the same clock in both processes, so its samples line up with the steps."""
+
+    def __init__(self, path: Path, *, rate: float, seed: int) -> None:
+        command = [sys.executable, "-c", WRITER_SCRIPT, str(path), str(rate), str(seed), WRITER_NAMESPACE]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        if self.process.stdout.readline().strip() != "ready":  # its first insert is committed
+            self.process.kill()
+            raise RuntimeError("the writer process did not start writing")
+
+    def stop(self) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        try:
+            self.process.stdin.write("stop\n")
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass
+        output = self.process.stdout.read()
+        if self.process.wait(timeout=120) != 0 or not output:
+            raise RuntimeError(f"the writer process failed (exit {self.process.returncode})")
+        result: dict[str, Any] = json.loads(output)
+        return result
+
+
+def percentile(sorted_values: Sequence[int], q: float) -> int:
+    """Nearest-rank percentile of an ascending sequence."""
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+
+
+def latency_stats(samples_ns: Sequence[int]) -> dict[str, Any]:
+    values = sorted(samples_ns)
+    if not values:
+        return {"count": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+    return {
+        "count": len(values),
+        "p50_ms": percentile(values, 0.50) / 1e6,
+        "p99_ms": percentile(values, 0.99) / 1e6,
+        "max_ms": values[-1] / 1e6,
+    }
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, batch_size: int) -> None:
+        self.args = args
+        self.workdir: Path = args.workdir
+        self.batch_size = batch_size
+        self.started = time.perf_counter()
+        self.lines: list[Line] = []
+        self.problems: list[str] = []
+        config = {
+            "scale": args.scale,
+            "seed": args.seed,
+            "batch_size": batch_size,
+            "writer_rate": args.writer_rate,
+            "settle_s": args.settle,
+            "revision": git_revision(),
+            "sqlite": sqlite3.sqlite_version,
+        }
+        self.out: dict[str, Any] = {"config": config, "reused_data": False}
+
+    def log(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.started:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    # 1. data: the options and file name of bench_query.py's legacy_file, so a kept file is shared
+    def legacy_file(self) -> GenerateReport:
+        traces = self.args.scale
+        options: dict[str, Any] = {
+            "traces": traces,
+            "seed": self.args.seed,
+            "hot_session_share": 0.1,
+            "hot_session_uid": HOT_UID,
+            "recent_burst": min(1000, max(1, round(traces * 0.1) // 10)),
+            "recent_window_s": WINDOW_S,
+            "now": NOW,
+        }
+        path = self.workdir / f"legacy-{traces}-seed{self.args.seed}.db"
+        sidecar = path.with_suffix(".json")
+        if self.args.keep and path.exists() and sidecar.exists():
+            saved = json.loads(sidecar.read_text())
+            if saved["options"] == options:
+                self.log(f"reusing {path}")
+                self.out["reused_data"] = True
+                return GenerateReport(**saved["report"])
+        remove_db(path)
+        self.log(f"generating {traces:,} legacy traces into {path}")
+        report = generate_legacy(path, **options)
+        sidecar.write_text(json.dumps({"options": options, "report": asdict(report)}))
+        return report
+
+    # 2 + 3. the upgrade, step by step, under the writer
+    def upgrade_under_writer(self, work: Path) -> dict[str, Any]:
+        url = f"sqlite:///{work}"
+        self.log(f"starting the legacy writer ({self.args.writer_rate:g} inserts/s; 0 = unpaced)")
+        writer = Writer(work, rate=self.args.writer_rate, seed=self.args.seed + 1)
+        marks: list[tuple[str, int]] = [("before", time.perf_counter_ns())]
+        steps: dict[str, float] = {}
+        reports: dict[str, Any] = {}
+        retried: dict[str, list[str]] = {revision: [] for revision in STEPS}
+        try:
+            time.sleep(self.args.settle)
+            for revision in STEPS:
+                self.log(f"upgrade to {STEPS[revision]}")
+                marks.append((revision, time.perf_counter_ns()))
+                started = time.perf_counter()
+                reports.update(self.upgrade_step(url, revision, retried))
+                steps[revision] = time.perf_counter() - started
+            marks.append(("after", time.perf_counter_ns()))
+            time.sleep(self.args.settle)
+        finally:
+            end = time.perf_counter_ns()
+            self.log("stopping the writer")
+            written = writer.stop()
+        if current_revision(url) != head_revision():
+            self.problems.append(f"the work file is at {current_revision(url)}, not head")
+        self.out["upgrade"] = {"seconds": sum(steps.values()), "steps": steps, "retried": retried}
+        backfill = reports.get("backfill")
+        self.out["backfill"] = asdict(backfill) if backfill is not None else None
+        self.out["index"] = reports.get("index")
+        return self.writer_figures(written, marks, end)
+
+    def upgrade_step(self, url: str, revision: str, retried: dict[str, list[str]]) -> dict[str, Any]:
+        """One revision; a step that fails with "database is locked" is run again, as an operator would
+        rerun the command (each revision is one transaction, the backfill resumes), and counted."""
+        while True:
+            try:
+                return upgrade(url, revision, batch_size=self.batch_size)
+            except StorageError as exc:
+                if "database is locked" not in str(exc) or len(retried[revision]) >= self.args.retries:
+                    raise
+                statement = str(exc).partition("[SQL:")[2].strip().split("\n")[0].rstrip("]")
+                retried[revision].append(statement)
+                self.log(f"  {revision} failed with 'database is locked' at {statement!r}; running it again")
+
+    def writer_figures(self, written: dict[str, Any], marks: list[tuple[str, int]], end: int) -> dict[str, Any]:
+        starts, latencies = written["starts_ns"], written["latencies_ns"]
+        names = [name for name, _ in marks]
+        bounds = [at for _, at in marks]
+        phases: dict[str, dict[str, list[int]]] = {name: {"all": [], "wait": [], "commit": []} for name in names}
+        upgrading: list[int] = []
+        samples = zip(starts, latencies, written["waits_ns"], written["commits_ns"], strict=True)
+        for started, latency, wait, commit in samples:
+            if started < bounds[0] or started >= end:
+                continue  # the warm-up insert that said "ready"
+            phase = names[bisect.bisect_right(bounds, started) - 1]
+            for key, value in (("all", latency), ("wait", wait), ("commit", commit)):
+                phases[phase][key].append(value)
+            if phase not in ("before", "after"):
+                upgrading.append(latency)
+
+        def phase_at(at: int) -> str:
+            return names[max(0, bisect.bisect_right(bounds, at) - 1)]
+
+        # The longest stalls, with where they started and ended: a wait that starts at the end of one
+        # step and lasts through the next belongs to the next.
+        timed = sorted(
+            ((latency, started) for started, latency in zip(starts, latencies, strict=True) if started >= bounds[0]),
+            reverse=True,
+        )
+        stalls = [
+            {
+                "ms": latency / 1e6,
+                "started_at_s": (started - bounds[0]) / 1e9,
+                "started_in": phase_at(started),
+                "ended_in": phase_at(started + latency),
+            }
+            for latency, started in timed[:10]
+        ]
+        figures = {
+            "commits": len(latencies),
+            "failures": written["failures"],
+            "during_upgrade": latency_stats(upgrading),
+            "phases": {
+                name: {
+                    **latency_stats(values["all"]),
+                    "lock_wait_max_ms": max(values["wait"], default=0) / 1e6,
+                    "commit_max_ms": max(values["commit"], default=0) / 1e6,
+                }
+                for name, values in phases.items()
+            },
+            "longest_stall": stalls[0] if stalls else None,
+            "longest_stalls": stalls,
+            "step_starts_s": {name: (at - bounds[0]) / 1e9 for name, at in marks},
+        }
+        self.out["writer"] = figures
+        if written["failures"]:
+            self.problems.append(f"the writer saw {len(written['failures'])} failed inserts: {written['failures'][0]}")
+        return figures
+
+    # 4. the file after the run
+    def check(self, legacy: Path, work: Path, data: GenerateReport, writer: dict[str, Any]) -> None:
+        self.log("checking the migrated file (links, orphans, integrity_check)")
+        checkpoint(work)
+        connection = sqlite3.connect(work, isolation_level=None)
+        try:
+
+            def one(sql: str, *params: Any) -> Any:
+                return connection.execute(sql, params).fetchone()[0]
+
+            join = "FROM trace_sessions ts JOIN traces t ON t.id = ts.trace_id"
+            checks = {
+                "wrong_links": one(f"SELECT count(*) {join} WHERE ts.created_at IS NOT t.created_at"),
+                "writer_traces": one("SELECT count(*) FROM traces WHERE namespace = ?", WRITER_NAMESPACE),
+                "writer_links": one(f"SELECT count(*) {join} WHERE t.namespace = ?", WRITER_NAMESPACE),
+                "writer_links_null": one(
+                    f"SELECT count(*) {join} WHERE t.namespace = ? AND ts.created_at IS NULL", WRITER_NAMESPACE
+                ),
+                "orphans": one(
+                    "SELECT count(*) FROM trace_sessions ts"
+                    " WHERE NOT EXISTS (SELECT 1 FROM traces t WHERE t.id = ts.trace_id)"
+                ),
+                "integrity_check": [row[0] for row in connection.execute("PRAGMA integrity_check")],
+            }
+        finally:
+            connection.close()
+        checks["other_wrong_links"] = checks["wrong_links"] - checks["writer_links_null"]
+        checks["legacy_bytes"], checks["migrated_bytes"] = legacy.stat().st_size, work.stat().st_size
+        self.out["checks"] = checks
+        if checks["other_wrong_links"]:
+            self.problems.append(f"{checks['other_wrong_links']} links other than the old writer's NULLs are wrong")
+        if checks["orphans"]:
+            self.problems.append(f"{checks['orphans']} orphan links are left")
+        if checks["integrity_check"] != ["ok"]:
+            self.problems.append(f"integrity_check: {checks['integrity_check'][:5]}")
+        if checks["writer_traces"] != writer["commits"]:
+            self.problems.append(
+                f"the writer committed {writer['commits']} traces, the file holds {checks['writer_traces']}"
+            )
+        self.lines_for(data, writer, checks)
+
+    def lines_for(self, data: GenerateReport, writer: dict[str, Any], checks: dict[str, Any]) -> None:
+        up, backfill, index = self.out["upgrade"], self.out["backfill"] or {}, self.out["index"] or {}
+        steps = up["steps"]
+        rate = backfill["rows_scanned"] / backfill["seconds"] if backfill.get("seconds") else 0.0
+        during, stall, phases = writer["during_upgrade"], writer["longest_stall"], writer["phases"]
+        stall_ms = stall["ms"] if stall else 0.0
+        size_ratio = checks["migrated_bytes"] / checks["legacy_bytes"]
+        retried = up["retried"]
+        retries = sum(len(failed) for failed in retried.values())
+        self.lines += [
+            Line(f"upgrade legacy -> head, total ({data.traces:,} traces, {data.links:,} links)", _s(up["seconds"])),
+            Line(f"  {STEPS['0001']}", _s(steps["0001"])),
+            Line(f"  {STEPS['0002']} (until alembic_version = 0002)", _s(steps["0002"])),
+            Line(f"  {STEPS['0003']} (batch {self.batch_size:,})", _s(steps["0003"])),
+            Line(
+                f"  {STEPS['0004']}",
+                f"{_s(steps['0004'])} (index {_s(index.get('index_seconds'))},"
+                f" ANALYZE {_s(index.get('analyze_seconds'))})",
+            ),
+            Line(
+                "upgrade steps failed with 'database is locked', rerun",
+                f"{retries} ({', '.join(f'{rev}: {len(failed)}' for rev, failed in retried.items() if failed) or '-'})",
+                "0",
+                retries == 0,
+            ),
+            Line(
+                "backfill rows/s",
+                f"{rate:,.0f}/s ({backfill.get('rows_scanned', 0):,} rows, {backfill.get('rows_updated', 0):,}"
+                f" filled, {backfill.get('orphans_removed', 0):,} orphans removed)",
+            ),
+            Line(
+                "writer inserts during the upgrade: count, p50 / p99 / max",
+                f"{during['count']:,}, {_ms(during['p50_ms'])} / {_ms(during['p99_ms'])} / {_ms(during['max_ms'])}",
+            ),
+            Line(
+                "longest writer stall (max insert latency)",
+                f"{stall_ms:,.0f} ms ({_span(stall)})",
+                f"<= {STALL_TARGET_S:g} s",
+                stall_ms <= STALL_TARGET_S * 1e3,
+            ),
+            *(
+                Line(
+                    f"  inserts started {'in ' + STEPS[name] if name in STEPS else name + ' the upgrade'}: max",
+                    f"{_ms(stats['max_ms'])} (lock wait {_ms(stats['lock_wait_max_ms'])},"
+                    f" COMMIT {_ms(stats['commit_max_ms'])}; {stats['count']:,} inserts, p50 {_ms(stats['p50_ms'])})",
+                )
+                for name, stats in phases.items()
+            ),
+            Line(
+                "file size migrated / legacy (with the writer's traces)",
+                f"{size_ratio:.3f}x ({_mb(checks['migrated_bytes'])} vs {_mb(checks['legacy_bytes'])})",
+                f"<= {SIZE_TARGET:g}x",
+                size_ratio <= SIZE_TARGET,
+            ),
+            Line(
+                "  traces the writer added to the migrated file",
+                f"{checks['writer_traces']:,} ({100 * checks['writer_traces'] / max(1, data.traces):.2f}% of legacy)",
+            ),
+            Line("links whose created_at IS NOT their trace's", f"{checks['wrong_links']:,}"),
+            Line(
+                "  links written by the old writer after the backfill, left NULL",
+                f"{checks['writer_links_null']:,} of the writer's {checks['writer_links']:,}",
+                "known open point",
+            ),
+            Line("  any other wrong link", f"{checks['other_wrong_links']:,}", "0", checks["other_wrong_links"] == 0),
+            Line("orphan links after the upgrade", f"{checks['orphans']:,}", "0", checks["orphans"] == 0),
+            Line(
+                "PRAGMA integrity_check",
+                ", ".join(checks["integrity_check"][:3]),
+                "ok",
+                checks["integrity_check"] == ["ok"],
+            ),
+            Line(
+                "writer inserts failed",
+                f"{len(writer['failures']):,} of {writer['commits'] + len(writer['failures']):,}",
+                "0",
+                not writer["failures"],
+            ),
+        ]
+
+
+def _span(stall: dict[str, Any] | None) -> str:
+    if stall is None:
+        return "no inserts"
+    started, ended = (STEPS.get(stall[key], f"{stall[key]} the upgrade") for key in ("started_in", "ended_in"))
+    return f"in {started}" if started == ended else f"from {started} to {ended}"
+
+
+def _s(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.2f} s"
+
+
+def _ms(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms:.2f} ms" if ms < 10 else f"{ms:,.0f} ms"
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
+
+
+def render(bench: Bench, data: GenerateReport) -> str:
+    generated = f"{'reused, ' if bench.out['reused_data'] else ''}generated in {data.seconds:.1f} s"
+    rate = bench.args.writer_rate
+    header = (
+        f"tracestore migration bench @ {bench.out['config']['revision']} (SQLite {sqlite3.sqlite_version}): "
+        f"{data.traces:,} legacy traces, {data.links:,} links ({generated})\n"
+        f"upgrade step by step with batch size {bench.batch_size:,}, while a legacy writer process inserts "
+        f"{'as fast as it can' if rate <= 0 else f'{rate:g} traces/s'}, one trace per transaction"
+    )
+    columns = ("measure", "measured", "target", "verdict")
+    rows = [columns] + [(line.label, line.measured, line.target, line.verdict()) for line in bench.lines]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    table = [
+        "  ".join(
+            cell.ljust(width) if i < 2 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    table.insert(1, "-" * len(table[0]))
+    return "\n".join([header, "", *table, ""])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=parse_scale, default="1m", help="traces to generate: 10k, 100k, 1m, 2m...")
+    parser.add_argument("--batch-size", type=int, help=f"backfill batch size (default {DEFAULT_BATCH_SIZE:,})")
+    parser.add_argument("--writer-rate", type=float, default=500.0, help="writer inserts/s, 0 = unpaced (default 500)")
+    parser.add_argument("--settle", type=float, default=1.0, help="seconds of writing before and after the upgrade")
+    parser.add_argument(
+        "--retries", type=int, default=100, help="reruns of a step that fails with 'database is locked' (default 100)"
+    )
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="scratch directory (gitignored)")
+    parser.add_argument("--keep", action="store_true", help="keep the files, and reuse a matching legacy file")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    # The revision reads $TRACESTORE_BATCH_SIZE before the batch size passed from code.
+    configured = os.environ.get("TRACESTORE_BATCH_SIZE")
+    if configured and args.batch_size is not None and int(configured) != args.batch_size:
+        parser.error(f"TRACESTORE_BATCH_SIZE={configured} would override --batch-size; unset it")
+    batch_size = args.batch_size or int(configured or DEFAULT_BATCH_SIZE)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    bench = Bench(args, batch_size)
+    data = bench.legacy_file()
+    legacy = Path(data.path)
+    bench.out["data"] = asdict(data)
+    work = copy_db(legacy, args.workdir / "migration-work.db")
+    try:
+        writer = bench.upgrade_under_writer(work)
+        bench.check(legacy, work, data, writer)
+    finally:
+        if not args.keep:
+            remove_db(work)
+            remove_db(legacy)
+            legacy.with_suffix(".json").unlink(missing_ok=True)
+
+    print(render(bench, data))
+    bench.out["lines"] = [asdict(line) for line in bench.lines]
+    bench.out["problems"] = bench.problems
+    if args.json:
+        args.json.write_text(json.dumps(bench.out, indent=2, default=str))
+    if bench.problems:
+        print("\nTHE MIGRATED FILE IS WRONG:\n  " + "\n  ".join(bench.problems), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
