@@ -8,22 +8,30 @@ One run, one data set:
      inserted without created_at, each transaction's latency recorded;
   3. upgrade the work file step by step (0001, 0002, 0003, 0004), timing each step, while it writes;
   4. stop the writer, check the file (links whose created_at is not their trace's, orphans,
-     integrity_check), and print the figures next to the issue's targets (JSON with --json).
+     integrity_check, free pages), and print the figures next to the issue's targets (JSON with --json);
+  5. crash test: a second copy of the legacy file is upgraded by `tracestore upgrade` in a separate
+     process, killed with SIGKILL at a random point of the backfill (seeded), upgraded again to head,
+     and compared with the uninterrupted run: row counts and a SHA-256 of every (trace_id, session_uid,
+     created_at) of the legacy traces' links (the writer's own traces exist only in the first file).
 
-    python benchmarks/bench_migration.py --scale 1m [--batch-size N] [--writer-rate 500] [--keep] [--json out.json]
+    python benchmarks/bench_migration.py --scale 1m [--batch-size N] [--writer-rate 500] [--no-kill] [--keep]
+                                         [--json out.json]
 
 Exit status: 0 when the migrated file is right (missed targets are reported, not fatal); 2 when it is not:
-the upgrade failed, the writer lost a write, integrity_check failed, orphans are left, or a link is wrong
-other than the known case (links the old writer inserts after the backfill has passed them stay NULL).
+the upgrade failed, the writer lost a write, integrity_check failed, orphans are left, a link is wrong
+(including links the old writer inserted without created_at), or the killed-and-rerun file differs.
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import hashlib
 import json
 import math
 import os
+import random
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -45,16 +53,16 @@ from bench_query import (
     remove_db,
 )
 
-from tracestore.backfill import DEFAULT_BATCH_SIZE
+from tracestore.backfill import DEFAULT_BATCH_SIZE, PROGRESS_TABLE
 from tracestore.errors import StorageError
 from tracestore.migrate import current_revision, head_revision, upgrade
 from tracestore.testing.bulk import GenerateReport, generate_legacy
 
 STEPS = {
     "0001": "0001 adopt the legacy schema",
-    "0002": "0002 add column + trigger",
-    "0003": "0003 backfill",
-    "0004": "0004 index build + ANALYZE",
+    "0002": "0002 add column, triggers, empty partial index",
+    "0003": "0003 backfill (fills the index too)",
+    "0004": "0004 drop the legacy session index + ANALYZE",
 }
 STALL_TARGET_S = 1.0
 SIZE_TARGET = 1.05
@@ -241,7 +249,12 @@ class Bench:
                 self.log(f"upgrade to {STEPS[revision]}")
                 marks.append((revision, time.perf_counter_ns()))
                 started = time.perf_counter()
-                reports.update(self.upgrade_step(url, revision, retried))
+                for name, report in self.upgrade_step(url, revision, retried).items():
+                    # Several revisions add to the same report ("index"): merge, do not replace.
+                    if isinstance(report, dict):
+                        reports.setdefault(name, {}).update(report)
+                    else:
+                        reports[name] = report
                 steps[revision] = time.perf_counter() - started
             marks.append(("after", time.perf_counter_ns()))
             time.sleep(self.args.settle)
@@ -348,14 +361,16 @@ class Bench:
                     " WHERE NOT EXISTS (SELECT 1 FROM traces t WHERE t.id = ts.trace_id)"
                 ),
                 "integrity_check": [row[0] for row in connection.execute("PRAGMA integrity_check")],
+                "free_bytes": one("PRAGMA freelist_count") * one("PRAGMA page_size"),
             }
         finally:
             connection.close()
-        checks["other_wrong_links"] = checks["wrong_links"] - checks["writer_links_null"]
         checks["legacy_bytes"], checks["migrated_bytes"] = legacy.stat().st_size, work.stat().st_size
         self.out["checks"] = checks
-        if checks["other_wrong_links"]:
-            self.problems.append(f"{checks['other_wrong_links']} links other than the old writer's NULLs are wrong")
+        if checks["wrong_links"]:
+            self.problems.append(
+                f"{checks['wrong_links']} links are wrong ({checks['writer_links_null']} NULL links of the old writer)"
+            )
         if checks["orphans"]:
             self.problems.append(f"{checks['orphans']} orphan links are left")
         if checks["integrity_check"] != ["ok"]:
@@ -378,11 +393,15 @@ class Bench:
         self.lines += [
             Line(f"upgrade legacy -> head, total ({data.traces:,} traces, {data.links:,} links)", _s(up["seconds"])),
             Line(f"  {STEPS['0001']}", _s(steps["0001"])),
-            Line(f"  {STEPS['0002']} (until alembic_version = 0002)", _s(steps["0002"])),
+            Line(
+                f"  {STEPS['0002']}",
+                f"{_s(steps['0002'])} (column + triggers {_s(index.get('add_column_seconds'))},"
+                f" index {_s(index.get('index_seconds'))})",
+            ),
             Line(f"  {STEPS['0003']} (batch {self.batch_size:,})", _s(steps["0003"])),
             Line(
                 f"  {STEPS['0004']}",
-                f"{_s(steps['0004'])} (index {_s(index.get('index_seconds'))},"
+                f"{_s(steps['0004'])} (drop {_s(index.get('drop_seconds'))},"
                 f" ANALYZE {_s(index.get('analyze_seconds'))})",
             ),
             Line(
@@ -421,16 +440,20 @@ class Bench:
                 size_ratio <= SIZE_TARGET,
             ),
             Line(
+                "  of the migrated file: free pages (reused by later inserts)",
+                f"{_mb(checks['free_bytes'])} ({100 * checks['free_bytes'] / checks['migrated_bytes']:.1f}%)",
+            ),
+            Line(
                 "  traces the writer added to the migrated file",
                 f"{checks['writer_traces']:,} ({100 * checks['writer_traces'] / max(1, data.traces):.2f}% of legacy)",
             ),
-            Line("links whose created_at IS NOT their trace's", f"{checks['wrong_links']:,}"),
             Line(
-                "  links written by the old writer after the backfill, left NULL",
-                f"{checks['writer_links_null']:,} of the writer's {checks['writer_links']:,}",
-                "known open point",
+                "links whose created_at IS NOT their trace's",
+                f"{checks['wrong_links']:,} (of them NULL, written by the old writer:"
+                f" {checks['writer_links_null']:,} of its {checks['writer_links']:,})",
+                "0",
+                checks["wrong_links"] == 0,
             ),
-            Line("  any other wrong link", f"{checks['other_wrong_links']:,}", "0", checks["other_wrong_links"] == 0),
             Line("orphan links after the upgrade", f"{checks['orphans']:,}", "0", checks["orphans"] == 0),
             Line(
                 "PRAGMA integrity_check",
@@ -445,6 +468,120 @@ class Bench:
                 not writer["failures"],
             ),
         ]
+
+
+LEGACY_LINKS = (
+    "SELECT ts.trace_id, ts.session_uid, ts.created_at FROM trace_sessions ts"
+    " WHERE NOT EXISTS (SELECT 1 FROM traces t WHERE t.id = ts.trace_id AND t.namespace = ?)"
+    " ORDER BY ts.trace_id, ts.session_uid"
+)
+
+
+def link_checksum(path: Path) -> dict[str, Any]:
+    """Count and SHA-256 of the legacy traces' links, (trace_id, session_uid, created_at) in key order."""
+    digest = hashlib.sha256()
+    count = 0
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        for row in connection.execute(LEGACY_LINKS, (WRITER_NAMESPACE,)):
+            digest.update(repr(row).encode())
+            count += 1
+    finally:
+        connection.close()
+    return {"links": count, "sha256": digest.hexdigest()}
+
+
+def saved_position(path: Path) -> int | None:
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.5)
+        try:
+            row = connection.execute(f"SELECT last_rowid FROM {PROGRESS_TABLE}").fetchone()
+        finally:
+            connection.close()
+    except sqlite3.OperationalError:  # no progress table yet, or a lock for a moment
+        return None
+    return row[0] if row else None
+
+
+class KillAndRerun:
+    """5. SIGKILL a real `tracestore upgrade` at a random point of its backfill, rerun, compare."""
+
+    def __init__(self, bench: Bench, legacy: Path, migrated: Path) -> None:
+        self.bench, self.legacy, self.migrated = bench, legacy, migrated
+        self.work = bench.workdir / "migration-killed.db"
+
+    def run(self, data: GenerateReport) -> None:
+        bench = self.bench
+        fraction = random.Random(bench.args.seed).uniform(0.1, 0.9)
+        target = round(fraction * data.links)  # rowids of the generated links run 1..links
+        copy_db(self.legacy, self.work)
+        url = f"sqlite:///{self.work}"
+        tracestore = Path(sys.executable).parent / "tracestore"
+        command = [str(tracestore), "--url", url, "upgrade", "--batch-size", str(bench.batch_size)]
+        bench.log(f"crash test: upgrading a copy, SIGKILL once the backfill passes rowid {target:,} ({fraction:.0%})")
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started = time.perf_counter()
+        position = None
+        while process.poll() is None:
+            position = saved_position(self.work)
+            if position is not None and position >= target:
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        killed_after = time.perf_counter() - started
+        process.wait()
+        result: dict[str, Any] = {
+            "kill_at_fraction": fraction,
+            "killed": process.returncode == -signal.SIGKILL,
+            "killed_after_s": killed_after,
+            "position_at_kill": position,
+            "revision_after_kill": current_revision(url),
+        }
+        if not result["killed"]:
+            bench.problems.append(f"crash test: the upgrade ended (exit {process.returncode}) before the kill")
+        bench.log(f"crash test: killed after {killed_after:.1f} s at rowid {position}; rerunning upgrade head")
+        rerun_started = time.perf_counter()
+        reports = upgrade(url, batch_size=bench.batch_size)
+        result["rerun_s"] = time.perf_counter() - rerun_started
+        backfill = reports.get("backfill")
+        result["rerun_rows_scanned"] = backfill.rows_scanned if backfill is not None else None
+        result["revision_after_rerun"] = current_revision(url)
+        bench.log("crash test: checksums of the killed-and-rerun and the uninterrupted files")
+        result["killed_file"] = link_checksum(self.work)
+        result["uninterrupted_file"] = link_checksum(self.migrated)
+        result["same"] = result["killed_file"] == result["uninterrupted_file"]
+        connection = sqlite3.connect(self.work)
+        try:
+            result["integrity_check"] = [row[0] for row in connection.execute("PRAGMA integrity_check")]
+        finally:
+            connection.close()
+        bench.out["kill_and_rerun"] = result
+        if not result["same"]:
+            bench.problems.append(f"crash test: the killed-and-rerun file differs: {result}")
+        if result["revision_after_rerun"] != head_revision() or result["integrity_check"] != ["ok"]:
+            bench.problems.append(f"crash test: the rerun file is not right: {result}")
+        scanned = result["rerun_rows_scanned"]
+        resumed = scanned is not None and position is not None and scanned <= data.links - position + bench.batch_size
+        bench.lines += [
+            Line(
+                "kill -9 during the backfill, then rerun: links and checksum equal the uninterrupted run's",
+                f"{'equal' if result['same'] else 'DIFFERENT'} ({result['killed_file']['links']:,} links,"
+                f" sha256 {result['killed_file']['sha256'][:12]}; killed at {fraction:.0%}, rowid {position:,})"
+                if position is not None
+                else "not killed",
+                "equal",
+                result["same"],
+            ),
+            Line(
+                "  rerun: time, rows the resumed backfill scanned",
+                f"{_s(result['rerun_s'])}, {scanned if scanned is not None else '-':,} of {data.links:,}",
+                "only the unfinished ones",
+                resumed,
+            ),
+        ]
+
+    def cleanup(self) -> None:
+        remove_db(self.work)
 
 
 def _span(stall: dict[str, Any] | None) -> str:
@@ -502,6 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="scratch directory (gitignored)")
     parser.add_argument("--keep", action="store_true", help="keep the files, and reuse a matching legacy file")
+    parser.add_argument("--no-kill", action="store_true", help="skip the kill -9 / rerun crash test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -519,10 +657,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     legacy = Path(data.path)
     bench.out["data"] = asdict(data)
     work = copy_db(legacy, args.workdir / "migration-work.db")
+    crash = KillAndRerun(bench, legacy, work)
     try:
         writer = bench.upgrade_under_writer(work)
         bench.check(legacy, work, data, writer)
+        if not args.no_kill:
+            crash.run(data)
     finally:
+        crash.cleanup()
         if not args.keep:
             remove_db(work)
             remove_db(legacy)

@@ -295,7 +295,7 @@ def checkpoint(path: Path) -> None:
 
 
 def remove_db(path: Path) -> None:
-    for suffix in ("", "-wal", "-shm", "-journal"):
+    for suffix in ("", "-wal", "-shm", "-journal", "-migration.lock"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 

@@ -20,6 +20,7 @@ from sqlalchemy import Connection
 from sqlalchemy.engine import make_url
 
 from tracestore.engine import WRITE, create_async_engine, create_engine
+from tracestore.migration_lock import migration_lock
 from tracestore.models import SESSION_TIME_INDEX, Base
 from tracestore.schema import foreign_keys_off, refuse_dropping_traces, session_index_drift
 
@@ -32,7 +33,7 @@ if (
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 log = logging.getLogger("tracestore.migrate")
 
-# Alembic cannot compare this index on SQLite and says so; check_session_index below compares it.
+# Alembic cannot compare this index on SQLite (and says so when it has DESC columns); check_session_index does.
 warnings.filterwarnings("ignore", message=f".*expression-based index '{SESSION_TIME_INDEX}'")
 
 # Bookkeeping tables that live beside the models but are not part of them.
@@ -42,12 +43,12 @@ NON_MODEL_TABLES = {"tracestore_backfill_progress", "sqlite_stat1", "sqlite_stat
 def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
     if type_ == "table" and name in NON_MODEL_TABLES:
         return False
-    # SQLite reflection loses DESC, so Alembic cannot compare this index; check_session_index does.
+    # Alembic does not compare a partial index's predicate (nor, on SQLite, DESC); check_session_index does.
     return not (type_ == "index" and name == SESSION_TIME_INDEX and context.get_bind().dialect.name == "sqlite")
 
 
 def check_session_index(migration_context: Any, revision: Any, directives: list[Any]) -> None:
-    """Make `alembic check` / autogenerate see drift of the DESC index that reflection cannot show."""
+    """Make `alembic check` / autogenerate see drift of the partial index that reflection cannot show."""
     drift = session_index_drift(migration_context.connection)
     if drift is None or not directives:
         return
@@ -108,7 +109,9 @@ def run_revisions(connection: Connection) -> None:
             transactional_ddl=True,
             transaction_per_migration=True,
         )
-        with context.begin_transaction():
+        # Alembic reads the current revision inside run_migrations, so after waiting for another
+        # migration of the same file this run starts from where that one stopped.
+        with migration_lock(connection.engine.url), context.begin_transaction():
             context.run_migrations()
 
 

@@ -34,9 +34,7 @@ LegacyRow = tuple[str, str, str, object, dict[str, object], float, float, tuple[
 """(id, context_type, namespace, data, metadata, created_at, updated_at, session_uids)"""
 
 
-def create_legacy_db(
-    path: Path, rows: Iterable[LegacyRow] = (), orphan_links: Iterable[tuple[str, str]] = ()
-) -> None:
+def create_legacy_db(path: Path, rows: Iterable[LegacyRow] = (), orphan_links: Iterable[tuple[str, str]] = ()) -> None:
     """A legacy-schema file holding `rows`, plus junction rows pointing at traces that do not exist."""
     connection = sqlite3.connect(path)
     try:

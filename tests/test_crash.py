@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tracestore.backfill import PROGRESS_TABLE
 from tracestore.migrate import current_revision, head_revision, upgrade
 from tracestore.testing.bulk import generate_legacy
@@ -75,3 +77,66 @@ def test_kill_during_backfill_then_rerun_equals_an_uninterrupted_run(tmp_path: P
     with sqlite3.connect(killed) as connection:
         assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert connection.execute("PRAGMA foreign_key_check").fetchall() == []
+
+
+def schema_of(path: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(path) as connection:
+        return connection.execute(
+            "SELECT name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name"
+        ).fetchall()
+
+
+@pytest.fixture(scope="module")
+def small_legacy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A legacy file (with orphans) and the same file upgraded without interruption."""
+    directory = tmp_path_factory.mktemp("kill-each-step")
+    legacy, clean = directory / "legacy.db", directory / "clean.db"
+    generate_legacy(legacy, traces=3_000, orphans=7, now=1_750_000_000.0)
+    shutil.copy(legacy, clean)
+    upgrade(f"sqlite:///{clean}", batch_size=250)
+    return legacy, clean
+
+
+# (where the kill lands, statement pattern, occurrence): every step of every revision, before its commit.
+KILL_POINTS = [
+    ("0001 stamping the adopted schema", r"^INSERT INTO alembic_version", 1),
+    ("0002 after ADD COLUMN", r"^ALTER TABLE trace_sessions ADD COLUMN", 1),
+    ("0002 after the triggers", r"^CREATE TRIGGER", 3),
+    ("0002 after dropping idx_trace_sessions_trace", r"^DROP INDEX .*idx_trace_sessions_trace", 1),
+    ("0002 after creating the session index", r"^CREATE INDEX .*idx_trace_sessions_uid_time", 1),
+    ("0003 first backfill batch, before commit", r"^UPDATE trace_sessions SET created_at", 1),
+    ("0003 fifth backfill batch, saved but not committed", r"^INSERT OR REPLACE INTO tracestore_backfill", 5),
+    ("0003 right after a batch committed", r"^COMMIT", 4),
+    ("0003 after dropping the progress table", r"^DROP TABLE IF EXISTS tracestore_backfill", 1),
+    ("0004 after dropping idx_trace_sessions_uid", r"^DROP INDEX .*idx_trace_sessions_uid\b(?!_)", 1),
+    ("0004 during ANALYZE", r"^ANALYZE", 1),
+    ("0004 stamping head", r"^UPDATE alembic_version SET version_num='0004'", 1),
+]
+
+
+@pytest.mark.parametrize(("where", "pattern", "occurrence"), KILL_POINTS, ids=[p[0] for p in KILL_POINTS])
+def test_kill_at_each_step_then_rerun_converges(
+    small_legacy: tuple[Path, Path], tmp_path: Path, where: str, pattern: str, occurrence: int
+) -> None:
+    legacy, clean = small_legacy
+    killed = tmp_path / "killed.db"
+    shutil.copy(legacy, killed)
+    url = f"sqlite:///{killed}"
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "kill_during_upgrade.py"), url, pattern, str(occurrence), "250"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == -signal.SIGKILL, f"not killed at {where}: rc {result.returncode}\n{result.stderr}"
+    assert current_revision(url) != head_revision()
+
+    upgrade(url, batch_size=250)
+    assert current_revision(url) == head_revision()
+    assert checksum(killed) == checksum(clean)
+    assert schema_of(killed) == schema_of(clean)
+    with sqlite3.connect(killed) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert connection.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert connection.execute("SELECT count(*) FROM trace_sessions WHERE created_at IS NULL").fetchone() == (0,)

@@ -18,7 +18,7 @@ from tracestore import MigrationError, TraceStore
 from tracestore.backfill import PROGRESS_TABLE
 from tracestore.engine import create_engine
 from tracestore.migrate import alembic_config, current_revision, downgrade, head_revision, upgrade
-from tracestore.schema import foreign_keys_off, index_shape
+from tracestore.schema import foreign_keys_off, index_shape, index_where
 
 from .legacy import create_legacy_db
 
@@ -31,9 +31,7 @@ HOUR = 3600.0
 def run_alembic(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if k != "TRACESTORE_DATABASE_URL"}
     full_env.update(env or {})
-    result = subprocess.run(
-        [str(ALEMBIC), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run([str(ALEMBIC), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -129,7 +127,7 @@ def test_legacy_database_upgrades_with_the_alembic_cli(legacy_db: Path) -> None:
         ).fetchone()[0]
         indexes = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert mismatched == 0
-    assert "created_at DESC" in index_sql and "trace_id DESC" in index_sql
+    assert index_sql.endswith("(session_uid, created_at, trace_id) WHERE created_at IS NOT NULL")
     assert {"idx_trace_sessions_uid", "idx_trace_sessions_trace"}.isdisjoint(indexes)
     run_alembic("-x", f"url=sqlite:///{legacy_db}", "check")
 
@@ -149,7 +147,10 @@ def test_store_answers_like_the_oracle_after_a_legacy_upgrade(legacy_db: Path) -
                 assert [t.id for t in got] == [r[0] for r in expected], (session, since, limit)
                 for trace, row in zip(got, expected, strict=True):
                     assert (trace.data, trace.metadata, trace.created_at, trace.updated_at) == (
-                        row[3], row[4], row[5], row[6]
+                        row[3],
+                        row[4],
+                        row[5],
+                        row[6],
                     )
                     assert set(trace.session_uids) == set(row[7])
 
@@ -194,14 +195,18 @@ def test_migrations_run_with_foreign_keys_off_and_restore_them(db_url: str) -> N
 def test_url_precedence_x_argument_then_environment_then_ini(tmp_path: Path) -> None:
     ini_db, env_db, x_db = (tmp_path / name for name in ("ini.db", "env.db", "x.db"))
     ini = tmp_path / "alembic.ini"
-    ini.write_text(
-        f"[alembic]\nscript_location = {ROOT / 'migrations'}\nsqlalchemy.url = sqlite:///{ini_db}\n"
-    )
+    ini.write_text(f"[alembic]\nscript_location = {ROOT / 'migrations'}\nsqlalchemy.url = sqlite:///{ini_db}\n")
     run_alembic("-c", str(ini), "upgrade", "0001", cwd=tmp_path)
     run_alembic("-c", str(ini), "upgrade", "0002", env={"TRACESTORE_DATABASE_URL": f"sqlite:///{env_db}"}, cwd=tmp_path)
     run_alembic(
-        "-c", str(ini), "-x", f"url=sqlite:///{x_db}", "upgrade", "0003",
-        env={"TRACESTORE_DATABASE_URL": f"sqlite:///{env_db}"}, cwd=tmp_path,
+        "-c",
+        str(ini),
+        "-x",
+        f"url=sqlite:///{x_db}",
+        "upgrade",
+        "0003",
+        env={"TRACESTORE_DATABASE_URL": f"sqlite:///{env_db}"},
+        cwd=tmp_path,
     )
     assert [current_revision(f"sqlite:///{db}") for db in (ini_db, env_db, x_db)] == ["0001", "0002", "0003"]
 
@@ -239,14 +244,15 @@ def test_backfill_resumes_after_a_crash_without_redoing_finished_batches(tmp_pat
     assert backfill.rows_scanned == 6001 - 1500  # resumed: finished batches are not read again
     assert current_revision(url) == head_revision()
     with sqlite3.connect(path) as connection:
-        assert connection.execute(
-            "SELECT count(*) FROM trace_sessions ts JOIN traces t ON t.id = ts.trace_id"
-            " WHERE ts.created_at IS NOT t.created_at"
-        ).fetchone()[0] == 0
+        assert (
+            connection.execute(
+                "SELECT count(*) FROM trace_sessions ts JOIN traces t ON t.id = ts.trace_id"
+                " WHERE ts.created_at IS NOT t.created_at"
+            ).fetchone()[0]
+            == 0
+        )
         assert connection.execute("SELECT count(*) FROM trace_sessions").fetchone()[0] == 6000
-        assert not connection.execute(
-            "SELECT 1 FROM sqlite_master WHERE name = ?", (PROGRESS_TABLE,)
-        ).fetchall()
+        assert not connection.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (PROGRESS_TABLE,)).fetchall()
 
 
 def test_batch_size_from_x_argument_and_environment(tmp_path: Path) -> None:
@@ -276,9 +282,15 @@ def test_index_shape_is_read_from_sqlite_not_reflection(db_url: str) -> None:
     engine = create_engine(db_url)
     with engine.connect() as connection:
         assert index_shape(connection, "idx_trace_sessions_uid_time") == (
-            ("session_uid", False), ("created_at", True), ("trace_id", True)
+            ("session_uid", False),
+            ("created_at", False),
+            ("trace_id", False),
         )
+        assert index_where(connection, "idx_trace_sessions_uid_time") == "CREATED_AT IS NOT NULL"
         assert index_shape(connection, "no_such_index") is None
+        connection.exec_driver_sql("CREATE INDEX sorted_desc ON trace_sessions (session_uid, created_at DESC)")
+        assert index_shape(connection, "sorted_desc") == (("session_uid", False), ("created_at", True))
+        assert index_where(connection, "sorted_desc") is None
     engine.dispose()
 
 
@@ -291,7 +303,7 @@ def test_offline_sql_is_rejected_for_the_backfill(tmp_path: Path) -> None:
 def test_backfill_counts_reach_the_log(legacy_db: Path) -> None:
     result = run_alembic("-x", f"url=sqlite:///{legacy_db}", "upgrade", "head")
     assert "backfill: done" in result.stderr
-    assert "index idx_trace_sessions_uid_time built" in result.stderr
+    assert "index idx_trace_sessions_uid_time created in" in result.stderr
     with sqlite3.connect(legacy_db) as connection:
         assert connection.execute("SELECT count(*) FROM sqlite_stat1").fetchone()[0] > 0  # ANALYZE ran
 
@@ -300,8 +312,9 @@ LINKS_WITH_TIME = "SELECT trace_id, session_uid, created_at FROM trace_sessions 
 
 
 def test_writers_of_the_previous_release_are_kept_right_from_0002_on(tmp_path: Path) -> None:
-    """After the add-column step, a legacy-style change of created_at moves the links (trigger), and
-    links inserted without created_at are filled by the backfill."""
+    """From the add-column step on, every way the previous release writes keeps the copy right at once
+    (triggers), not only after the backfill: links inserted without created_at, links inserted before
+    their trace (foreign keys off), and a changed created_at."""
     path = tmp_path / "rolling.db"
     create_legacy_db(path, [("t1", "a", "b", 1, {}, 10.0, 10.0, ("s",))])
     upgrade(f"sqlite:///{path}", "0002")
@@ -310,12 +323,19 @@ def test_writers_of_the_previous_release_are_kept_right_from_0002_on(tmp_path: P
         old_writer.execute("INSERT INTO trace_sessions (trace_id, session_uid) VALUES ('t2', 's')")
         old_writer.execute("INSERT INTO trace_sessions (trace_id, session_uid) VALUES ('t1', 'other')")
         old_writer.execute("UPDATE traces SET created_at = 15.0 WHERE id = 't2'")
+        old_writer.execute("INSERT INTO trace_sessions (trace_id, session_uid) VALUES ('t3', 's')")  # link first
+        assert old_writer.execute("SELECT created_at FROM trace_sessions WHERE trace_id = 't3'").fetchall() == [(None,)]
+        old_writer.execute("INSERT INTO traces VALUES ('t3', 'a', 'b', '3', '{}', 30.0, 30.0)")
         rows = old_writer.execute(LINKS_WITH_TIME).fetchall()
-    assert rows == [("t1", "other", None), ("t1", "s", None), ("t2", "s", 15.0)]
+    # t1/s predates 0002: the backfill fills it. Everything written after 0002 is right already.
+    assert rows == [("t1", "other", 10.0), ("t1", "s", None), ("t2", "s", 15.0), ("t3", "s", 30.0)]
     upgrade(f"sqlite:///{path}")
-    with sqlite3.connect(path) as connection:
-        rows = connection.execute(LINKS_WITH_TIME).fetchall()
-    assert rows == [("t1", "other", 10.0), ("t1", "s", 10.0), ("t2", "s", 15.0)]
+    with sqlite3.connect(path) as old_writer:  # and after the upgrade, the same writes stay right
+        old_writer.execute("INSERT INTO traces VALUES ('t4', 'a', 'b', '4', '{}', 40.0, 40.0)")
+        old_writer.execute("INSERT INTO trace_sessions (trace_id, session_uid) VALUES ('t4', 's')")
+        old_writer.execute("UPDATE traces SET created_at = 11.0 WHERE id = 't1'")
+        rows = old_writer.execute(LINKS_WITH_TIME).fetchall()
+    assert rows == [("t1", "other", 11.0), ("t1", "s", 11.0), ("t2", "s", 15.0), ("t3", "s", 30.0), ("t4", "s", 40.0)]
 
 
 def test_an_application_engine_keeps_the_transaction_recipe_after_an_upgrade(db_url: str) -> None:

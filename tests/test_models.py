@@ -12,7 +12,13 @@ from tracestore.models import SESSION_TIME_INDEX, Trace, TraceSession
 def test_trace_columns_are_the_legacy_ones() -> None:
     table = Trace.__table__
     assert [column.name for column in table.columns] == [
-        "id", "context_type", "namespace", "data", "metadata", "created_at", "updated_at"
+        "id",
+        "context_type",
+        "namespace",
+        "data",
+        "metadata",
+        "created_at",
+        "updated_at",
     ]
     assert Trace.metadata_.property.columns[0].name == "metadata"  # no clash with Declarative's metadata
     assert [column.name for column in table.primary_key] == ["id"]
@@ -33,4 +39,7 @@ def test_trace_session_key_foreign_key_and_index() -> None:
     (index,) = table.indexes
     assert index.name == SESSION_TIME_INDEX
     ddl = str(CreateIndex(index).compile(dialect=sqlite.dialect()))
-    assert ddl == f"CREATE INDEX {SESSION_TIME_INDEX} ON trace_sessions (session_uid, created_at DESC, trace_id DESC)"
+    assert ddl == (
+        f"CREATE INDEX {SESSION_TIME_INDEX} ON trace_sessions (session_uid, created_at, trace_id)"
+        " WHERE created_at IS NOT NULL"
+    )

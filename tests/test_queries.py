@@ -132,7 +132,7 @@ def index_without_trace_id(planner_db: tuple[TraceStore, Path], tmp_path_factory
     try:
         source.backup(target)
         target.execute(f"DROP INDEX {INDEX}")
-        target.execute(f"CREATE INDEX {INDEX} ON trace_sessions (session_uid, created_at DESC)")
+        target.execute(f"CREATE INDEX {INDEX} ON trace_sessions (session_uid, created_at) WHERE created_at IS NOT NULL")
         target.commit()
     finally:
         source.close()

@@ -201,7 +201,7 @@ def test_factories_import_error_names_the_extra(monkeypatch: pytest.MonkeyPatch)
 
 
 # -- the pytest plugin, as a downstream project uses it ---------------------------------------------------
-DOWNSTREAM_TESTS = '''
+DOWNSTREAM_TESTS = """
 import time
 
 import pytest
@@ -247,7 +247,7 @@ class TestSharedDatabase:
     def test_2_sees_nothing_of_the_previous_test(self, trace_db_session, trace_store):
         assert trace_db_session.scalar(select(func.count()).select_from(Trace)) == 0
         assert trace_store.get_by_session_uid("s") == []
-'''
+"""
 
 
 @pytest.mark.parametrize("mode", ["auto", "strict"])

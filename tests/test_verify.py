@@ -15,7 +15,7 @@ from tracestore.cli import main
 from tracestore.engine import create_engine
 from tracestore.migrate import current_revision, downgrade, head_revision, upgrade
 from tracestore.models import SESSION_TIME_INDEX
-from tracestore.schema import FOLLOW_TRIGGER
+from tracestore.schema import FOLLOW_TRIGGER, STAMP_LINK_TRIGGER, STAMP_TRACE_TRIGGER
 from tracestore.testing import make_traces
 from tracestore.verify import Check, verify
 
@@ -81,7 +81,13 @@ def test_a_clean_database_verifies_ok_and_is_not_changed(db: Path, db_url: str) 
     report = verify(db_url)
     assert report.ok and not report.problems and report.repairs == []
     assert [check.name for check in report.checks] == [
-        "schema", "created_at", "orphans", "index", "trigger", "integrity", "foreign_keys",
+        "schema",
+        "created_at",
+        "orphans",
+        "index",
+        "trigger",
+        "integrity",
+        "foreign_keys",
     ]
     result = run("verify", "--url", db_url)
     assert result.exit_code == 0, result.output
@@ -112,8 +118,10 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], list[str]], set[str]]] = {
         {"created_at"},
     ),
     "NULL created_at": (
-        lambda path: ["UPDATE trace_sessions SET created_at = NULL WHERE rowid IN (SELECT rowid FROM trace_sessions"
-                      " ORDER BY rowid DESC LIMIT 3)"],
+        lambda path: [
+            "UPDATE trace_sessions SET created_at = NULL WHERE rowid IN (SELECT rowid FROM trace_sessions"
+            " ORDER BY rowid DESC LIMIT 3)"
+        ],
         {"created_at"},
     ),
     "orphan link": (
@@ -121,14 +129,34 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], list[str]], set[str]]] = {
         {"orphans", "foreign_keys"},
     ),
     "index dropped": (lambda path: [f"DROP INDEX {SESSION_TIME_INDEX}"], {"index"}),
-    "index ascending": (
+    "index descending, other columns": (
+        lambda path: [
+            f"DROP INDEX {SESSION_TIME_INDEX}",
+            f"CREATE INDEX {SESSION_TIME_INDEX} ON trace_sessions (session_uid, created_at DESC)"
+            " WHERE created_at IS NOT NULL",
+        ],
+        {"index"},
+    ),
+    "index not partial": (
         lambda path: [
             f"DROP INDEX {SESSION_TIME_INDEX}",
             f"CREATE INDEX {SESSION_TIME_INDEX} ON trace_sessions (session_uid, created_at, trace_id)",
         ],
         {"index"},
     ),
+    "index predicate narrower (hides links)": (
+        lambda path: [
+            f"DROP INDEX {SESSION_TIME_INDEX}",
+            f"CREATE INDEX {SESSION_TIME_INDEX} ON trace_sessions (session_uid, created_at, trace_id)"
+            " WHERE created_at > 1800000000",
+        ],
+        {"index"},
+    ),
     "trigger dropped": (lambda path: [f"DROP TRIGGER {FOLLOW_TRIGGER}"], {"trigger"}),
+    "stamp triggers dropped": (
+        lambda path: [f"DROP TRIGGER {STAMP_LINK_TRIGGER}", f"DROP TRIGGER {STAMP_TRACE_TRIGGER}"],
+        {"trigger"},
+    ),
 }
 
 
@@ -162,7 +190,7 @@ def test_fix_report_lists_found_and_final_state(db: Path, db_url: str) -> None:
         "UPDATE trace_sessions SET created_at = NULL WHERE rowid = 1",
         "INSERT INTO trace_sessions (trace_id, session_uid, created_at) VALUES ('gone', 's1', 1.0)",
         f"DROP INDEX {SESSION_TIME_INDEX}",
-        f"CREATE INDEX {SESSION_TIME_INDEX} ON trace_sessions (session_uid, created_at, trace_id)",
+        f"CREATE INDEX {SESSION_TIME_INDEX} ON trace_sessions (session_uid, created_at DESC, trace_id)",
         f"DROP TRIGGER {FOLLOW_TRIGGER}",
     )
     engine = create_engine(db_url)  # an application's engine: verify leaves it usable

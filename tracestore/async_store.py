@@ -15,10 +15,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tracestore.engine import SINGLE_STATEMENT_READ, WRITE, configure_async_engine, create_async_engine
-from tracestore.migrate import ensure_head
+from tracestore.migrate import at_head, ensure_head
 from tracestore.queries import DriverSQL, Statements, compiled, explain_statement, statements_for
 from tracestore.rows import (
     WriteBatch,
+    check_query_args,
     check_query_string,
     check_trace_id,
     decode_row,
@@ -54,6 +55,7 @@ class AsyncTraceStore:
         self._sql: Statements = statements_for(engine.dialect.name)
         self._auto_upgrade = auto_upgrade
         self._ready = False
+        self._migrating = False
         self._opening = asyncio.Lock()
 
     @property
@@ -68,7 +70,11 @@ class AsyncTraceStore:
             try:
                 _refuse_missing_file(self._engine.url, auto_upgrade=self._auto_upgrade)
                 async with self._engine.connect() as conn:
-                    await conn.run_sync(lambda sync_conn: ensure_head(sync_conn, auto_upgrade=self._auto_upgrade))
+                    # True while an upgrade is unfinished (see migrate.ensure_head): session queries
+                    # then use the legacy join, which does not depend on the backfilled copy.
+                    self._migrating = await conn.run_sync(
+                        lambda sync_conn: ensure_head(sync_conn, auto_upgrade=self._auto_upgrade)
+                    )
             except SQLAlchemyError as exc:
                 raise storage_error(f"cannot open {self._engine.url!r}", exc) from exc
             self._ready = True
@@ -125,29 +131,39 @@ class AsyncTraceStore:
         until: float | None = None,
         limit: int | None = None,
     ) -> list[TraceContext]:
-        stmt, params = prepare_query(
-            self._sql,
-            session_uid=session_uid,
-            namespace=namespace,
-            context_type=context_type,
-            since=since,
-            until=until,
-            limit=limit,
-        )
+        args: dict[str, Any] = {"session_uid": session_uid, "namespace": namespace, "context_type": context_type}
+        args |= {"since": since, "until": until, "limit": limit}
+        check_query_args(**args)  # bad input fails before the database is opened
+        if not self._ready:
+            await self._open()
+        migrating = self._migrating and await self._still_migrating()
+        stmt, params = prepare_query(self._sql, **args, migrating=migrating)
         return decode_rows(await self._fetch(stmt, params))
 
     async def explain(
         self, session_uid: str, since: float | None = None, limit: int | None = None, **filters: Any
     ) -> list[str]:
         check_query_string("session_uid", session_uid)
-        stmt, params = prepare_query(self._sql, session_uid=session_uid, since=since, limit=limit, **filters)
         if not self._ready:
             await self._open()
+        migrating = self._migrating and await self._still_migrating()
+        stmt, params = prepare_query(
+            self._sql, session_uid=session_uid, since=since, limit=limit, migrating=migrating, **filters
+        )
         try:
             async with self._engine.connect() as conn:
                 return await _plan(conn, stmt, params)
         except SQLAlchemyError as exc:
             raise storage_error("explain failed", exc) from exc
+
+    async def _still_migrating(self) -> bool:
+        """Re-read the revision; once the upgrade reached head, switch to the fast query for good."""
+        try:
+            async with self._engine.connect() as conn:
+                self._migrating = not await conn.run_sync(at_head)
+        except SQLAlchemyError as exc:
+            raise storage_error("cannot read the schema revision", exc) from exc
+        return self._migrating
 
     def _driver_sql(self, stmt: Any) -> DriverSQL:
         return compiled(stmt, self._engine.dialect)

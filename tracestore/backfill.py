@@ -32,9 +32,7 @@ class BackfillReport:
     seconds: float = 0.0
 
 
-_NEXT_BOUND = text(
-    "SELECT rowid FROM trace_sessions WHERE rowid > :lo ORDER BY rowid LIMIT 1 OFFSET :skip"
-)
+_NEXT_BOUND = text("SELECT rowid FROM trace_sessions WHERE rowid > :lo ORDER BY rowid LIMIT 1 OFFSET :skip")
 _DELETE_ORPHANS = text(
     "DELETE FROM trace_sessions WHERE rowid > :lo AND rowid <= :hi"
     " AND NOT EXISTS (SELECT 1 FROM traces WHERE traces.id = trace_sessions.trace_id)"
@@ -73,9 +71,7 @@ def backfill_sqlite(
     log.info("backfill: batch size %d", batch_size)
     report = BackfillReport()
     started = time.monotonic()
-    total = connection.execute(
-        text("SELECT count(*) FROM trace_sessions WHERE rowid > :lo"), {"lo": low}
-    ).scalar_one()
+    total = connection.execute(text("SELECT count(*) FROM trace_sessions WHERE rowid > :lo"), {"lo": low}).scalar_one()
     last_log = started
     while True:
         high = connection.execute(_NEXT_BOUND, {"lo": low, "skip": batch_size - 1}).scalar()

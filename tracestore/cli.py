@@ -249,17 +249,14 @@ def main(ctx: click.Context, url: str, verbose: bool) -> None:
 
 @main.command()
 @url_option
-@click.option(
-    "--revision", default="head", show_default=True, help="Target revision: an id such as 0004, or head."
-)
+@click.option("--revision", default="head", show_default=True, help="Target revision: an id such as 0004, or head.")
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
     envvar="TRACESTORE_BATCH_SIZE",
     show_envvar=True,
     default=None,
-    help="Junction rows per backfill transaction (default 20000); smaller batches hold the write lock "
-    "for less time.",
+    help="Junction rows per backfill transaction (default 20000); smaller batches hold the write lock for less time.",
 )
 @click.pass_obj
 def upgrade(settings: Settings, command_url: str | None, revision: str, batch_size: int | None) -> None:
@@ -289,12 +286,16 @@ def upgrade(settings: Settings, command_url: str | None, revision: str, batch_si
             f"  backfill: {backfill.rows_scanned} junction rows scanned, {backfill.rows_updated} filled, "
             f"{backfill.orphans_removed} orphan links removed in {backfill.seconds:.2f} s"
         )
-    index = reports.get("index")
-    if index is not None:
-        out.print(
-            f"  index idx_trace_sessions_uid_time: built in {index['index_seconds']:.2f} s, "
-            f"ANALYZE in {index['analyze_seconds']:.2f} s"
-        )
+    index = reports.get("index", {})
+    steps = (
+        ("add_column_seconds", "column and triggers added in"),
+        ("index_seconds", "index idx_trace_sessions_uid_time created (empty, filled by the backfill) in"),
+        ("drop_seconds", "legacy index idx_trace_sessions_uid dropped in"),
+        ("analyze_seconds", "ANALYZE in"),
+    )
+    for key, what in steps:
+        if key in index:
+            out.print(f"  {what} {index[key]:.2f} s")
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -483,11 +484,19 @@ DEMO_QUERY_RUNS = 5
 @main.command()
 @url_option
 @click.option(
-    "--traces", "n_traces", type=click.IntRange(min=1), default=20_000, show_default=True,
+    "--traces",
+    "n_traces",
+    type=click.IntRange(min=1),
+    default=20_000,
+    show_default=True,
     help="How many traces to generate.",
 )
 @click.option(
-    "--sessions", "n_sessions", type=click.IntRange(min=1), default=100, show_default=True,
+    "--sessions",
+    "n_sessions",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
     help="How many sessions the traces are spread over.",
 )
 @click.option("--force", is_flag=True, help="Replace the SQLite file if it already exists.")
@@ -503,9 +512,7 @@ def demo(settings: Settings, command_url: str | None, n_traces: int, n_sessions:
     try:
         from tracestore.testing.factories import make_traces
     except ImportError as exc:
-        raise click.ClickException(
-            f'demo needs factory-boy: pip install "tracestore[testing]" ({exc})'
-        ) from exc
+        raise click.ClickException(f'demo needs factory-boy: pip install "tracestore[testing]" ({exc})') from exc
     url = database_url(settings, command_url)
     path = demo_file(url, force=force)
     out = stdout()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,12 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from tracestore.engine import create_engine, sync_url
 from tracestore.errors import RevisionError, SchemaOutOfDateError, StorageError
+from tracestore.migration_lock import migration_running
 
 UrlOrEngine = str | Engine
 Target = str | Engine | Connection
+
+log = logging.getLogger("tracestore.migrate")
 
 
 def script_location() -> str:
@@ -38,6 +43,7 @@ def alembic_config(**attributes: Any) -> Config:
     return config
 
 
+@cache
 def head_revision() -> str:
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None
@@ -101,20 +107,54 @@ def current_revision(target: Target) -> str | None:
             engine.dispose()
 
 
-def ensure_head(target: Engine | Connection, *, auto_upgrade: bool) -> None:
-    """Make sure the fast query is safe: the database is at head, or gets there, or we refuse."""
+# From this revision on the column and its triggers exist, so the store can answer correctly (with
+# the legacy join) while the backfill of a running or interrupted upgrade is unfinished.
+MIGRATING_READS_FROM = "0002"
+
+
+def ensure_head(target: Engine | Connection, *, auto_upgrade: bool) -> bool:
+    """Make sure the store answers correctly; True if it must use the migration-time reads for now.
+
+    At head: False. Below head with auto_upgrade: upgrade, unless another process is upgrading this
+    database right now; then, as without auto_upgrade, a database past MIGRATING_READS_FROM is
+    served with the legacy join until it reaches head (True). Anything older is refused.
+    """
     current = current_revision(target)
     head = head_revision()
     if current == head:
-        return
-    if auto_upgrade:
+        return False
+    url = target.engine.url
+    if auto_upgrade and not migration_running(url):
         upgrade(target)
-        return
-    url = target.engine.url.render_as_string(hide_password=True)
+        return False
+    if current is not None and is_at_least(current, MIGRATING_READS_FROM):
+        log.warning(
+            "database is at revision %s, head is %s: %s; session queries use the legacy join (slower) until it "
+            "reaches head",
+            current,
+            head,
+            "another process is upgrading it" if migration_running(url) else "run `tracestore upgrade` to finish",
+        )
+        return True
+    shown = url.render_as_string(hide_password=True)
     raise SchemaOutOfDateError(
         f"database is at revision {current or 'none (legacy or empty)'}, tracestore needs {head}: "
-        f"run `tracestore upgrade --url {url}` (or `alembic -x url={url} upgrade head`) first"
+        f"run `tracestore upgrade --url {shown}` (or `alembic -x url={shown} upgrade head`) first"
     )
+
+
+def at_head(connection: Connection) -> bool:
+    """True once the database reaches head (the store's check while it serves migration-time reads)."""
+    return current_revision(connection) == head_revision()
+
+
+def is_at_least(revision: str, ancestor: str) -> bool:
+    """True if `ancestor` is `revision` or comes before it in the migration chain."""
+    script = ScriptDirectory.from_config(alembic_config())
+    try:
+        return any(step.revision == ancestor for step in script.iterate_revisions(revision, "base"))
+    except CommandError as exc:
+        raise RevisionError(f"unknown revision {revision!r} in the database: {exc}") from exc
 
 
 def _engine(target: UrlOrEngine) -> tuple[Engine, bool]:

@@ -40,10 +40,7 @@ def _session_list(dialect_name: str) -> ColumnElement[Any]:
     other = aliased(TraceSession, name="s")
     aggregate = func.json_group_array if dialect_name == "sqlite" else func.json_agg
     return (
-        select(aggregate(other.session_uid))
-        .where(other.trace_id == Trace.id)
-        .scalar_subquery()
-        .label("session_uids")
+        select(aggregate(other.session_uid)).where(other.trace_id == Trace.id).scalar_subquery().label("session_uids")
     )
 
 
@@ -119,15 +116,17 @@ class Statements:
     ) -> Select[Any]:
         """Traces of one session, newest first: filtered and ordered on the junction's own created_at.
 
-        The composite index (session_uid, created_at DESC, trace_id DESC) serves the filter and the
-        whole sort key, so SQLite walks it in order and stops after LIMIT entries: no sort, no temp b-tree.
+        The composite index (session_uid, created_at, trace_id) serves the filter and the whole sort
+        key, so SQLite walks it backwards and stops after LIMIT entries: no sort, no temp
+        b-tree. `created_at IS NOT NULL` is the index's own predicate (it is partial), stated so the
+        planner may use it for every shape, with or without `since`.
         """
         link = aliased(TraceSession, name="ts")
         stmt = (
             select(*_trace_columns(self.dialect_name))
             .select_from(link)
             .join(Trace, Trace.id == link.trace_id)
-            .where(link.session_uid == bindparam("session_uid"))
+            .where(link.session_uid == bindparam("session_uid"), link.created_at.is_not(None))
             .order_by(link.created_at.desc(), link.trace_id.desc())
         )
         if since:
@@ -137,9 +136,31 @@ class Statements:
         return _filtered(stmt, limit=limit, namespace=namespace, context_type=context_type)
 
     @cache  # noqa: B019
-    def all_traces(
+    def session_traces_migrating(
         self, *, since: bool, until: bool, limit: bool, namespace: bool, context_type: bool
     ) -> Select[Any]:
+        """The same answer while the backfill is unfinished: filtered and ordered on traces.created_at.
+
+        Links not yet backfilled have no copy of the time, so this is the legacy join (slow on big
+        sessions, the reason the copy exists) and never the partial index. Used only between
+        revision 0002 and head.
+        """
+        link = aliased(TraceSession, name="ts")
+        stmt = (
+            select(*_trace_columns(self.dialect_name))
+            .select_from(link)
+            .join(Trace, Trace.id == link.trace_id)
+            .where(link.session_uid == bindparam("session_uid"))
+            .order_by(Trace.created_at.desc(), Trace.id.desc())
+        )
+        if since:
+            stmt = stmt.where(Trace.created_at >= bindparam("since"))
+        if until:
+            stmt = stmt.where(Trace.created_at < bindparam("until"))
+        return _filtered(stmt, limit=limit, namespace=namespace, context_type=context_type)
+
+    @cache  # noqa: B019
+    def all_traces(self, *, since: bool, until: bool, limit: bool, namespace: bool, context_type: bool) -> Select[Any]:
         """Traces across sessions, newest first (not the hot path: uses the legacy traces indexes)."""
         stmt = select(*_trace_columns(self.dialect_name)).order_by(Trace.created_at.desc(), Trace.id.desc())
         if since:
@@ -174,8 +195,12 @@ def query_statement(
     since: float | None,
     until: float | None,
     limit: int | None,
+    migrating: bool = False,
 ) -> tuple[Select[Any], dict[str, Any]]:
-    """The statement and parameters for a query; arguments are already validated by the caller."""
+    """The statement and parameters for a query; arguments are already validated by the caller.
+
+    `migrating`: the database is between revision 0002 and head (backfill unfinished).
+    """
     flags = {
         "since": since is not None,
         "until": until is not None,
@@ -188,6 +213,8 @@ def query_statement(
     if session_uid is None:
         return statements.all_traces(**flags), params
     params["session_uid"] = session_uid
+    if migrating:
+        return statements.session_traces_migrating(**flags), params
     return statements.session_traces(**flags), params
 
 
@@ -215,9 +242,7 @@ def compiled(stmt: ClauseElement, dialect: Dialect) -> DriverSQL:
     return DriverSQL(str(result), names, defaults)
 
 
-def explain_statement(
-    stmt: Any, params: dict[str, Any], dialect: Any
-) -> tuple[str, tuple[Any, ...] | dict[str, Any]]:
+def explain_statement(stmt: Any, params: dict[str, Any], dialect: Any) -> tuple[str, tuple[Any, ...] | dict[str, Any]]:
     """The planner's view of `stmt` (EXPLAIN QUERY PLAN on SQLite, EXPLAIN elsewhere) and driver arguments."""
     query = compiled(stmt, dialect)
     prefix = "EXPLAIN QUERY PLAN " if dialect.name == "sqlite" else "EXPLAIN "

@@ -118,9 +118,7 @@ def check_query_args(
                 valid = False
             if not valid:
                 raise InvalidQueryError(f"{name} must be finite epoch seconds, got {bound!r}")
-    if limit is not None and (
-        isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= MAX_LIMIT
-    ):
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= MAX_LIMIT):
         raise InvalidQueryError(f"limit must be an int between 1 and {MAX_LIMIT}, got {limit!r}")
 
 
@@ -149,6 +147,7 @@ def prepare_query(
     since: float | None = None,
     until: float | None = None,
     limit: int | None = None,
+    migrating: bool = False,
 ) -> tuple[Select[Any], dict[str, Any]]:
     """Validate query arguments, then pick the prebuilt statement and its parameters."""
     args: dict[str, Any] = {
@@ -160,7 +159,7 @@ def prepare_query(
         "limit": limit,
     }
     check_query_args(**args)
-    return query_statement(statements, **args)
+    return query_statement(statements, **args, migrating=migrating)
 
 
 def storage_error(action: str, exc: Exception) -> StorageError:

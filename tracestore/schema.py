@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -10,10 +11,8 @@ from sqlalchemy import Connection, Index, TextClause, inspect, text
 from sqlalchemy.schema import CreateIndex, DropIndex
 
 from tracestore.errors import TraceStoreError
-from tracestore.models import SESSION_TIME_INDEX, SESSION_TIME_INDEX_COLUMNS, Base
+from tracestore.models import SESSION_TIME_INDEX, SESSION_TIME_INDEX_COLUMNS, SESSION_TIME_INDEX_WHERE, Base
 
-# Moves a trace's links when its created_at changes, whoever changes it (revision 0002 creates it).
-FOLLOW_TRIGGER = "trace_sessions_follow_created_at"
 # Bounded ANALYZE: statistics from a sample of each index, seconds even at 100 GB.
 BOUNDED_ANALYZE = ("PRAGMA analysis_limit=1000", "ANALYZE", "PRAGMA analysis_limit=0")
 
@@ -86,21 +85,65 @@ def session_index_drift(connection: Connection) -> str | None:
         return f"index {SESSION_TIME_INDEX} is missing"
     if shape != SESSION_TIME_INDEX_COLUMNS:
         return f"index {SESSION_TIME_INDEX} is {shape}, expected {SESSION_TIME_INDEX_COLUMNS}"
+    where = index_where(connection, SESSION_TIME_INDEX)
+    if where != _normalized(SESSION_TIME_INDEX_WHERE):
+        found = f"WHERE {where}" if where else "not partial"
+        return f"index {SESSION_TIME_INDEX} is {found}, expected WHERE {SESSION_TIME_INDEX_WHERE}"
     return None
 
 
+def index_where(connection: Connection, index: str) -> str | None:
+    """The partial-index predicate of a SQLite index as stored in sqlite_master (normalized), or None."""
+    sql = connection.exec_driver_sql(
+        "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?", (index,)
+    ).scalar()
+    match = re.search(r"\)\s*WHERE\s+(.*)$", sql or "", re.IGNORECASE | re.DOTALL)
+    return _normalized(match.group(1)) if match else None
+
+
+def _normalized(sql: str) -> str:
+    return " ".join(sql.split()).upper()
+
+
 # -- DDL shared by the migrations and `tracestore verify --fix` ----------------------------------------
-def create_follow_trigger() -> TextClause:
-    """The trigger that keeps trace_sessions.created_at equal to its trace's when traces.created_at changes."""
-    return text(
-        f"CREATE TRIGGER IF NOT EXISTS {FOLLOW_TRIGGER} AFTER UPDATE OF created_at ON traces"
-        " WHEN NEW.created_at IS NOT OLD.created_at"
-        " BEGIN UPDATE trace_sessions SET created_at = NEW.created_at WHERE trace_id = NEW.id; END"
+# The triggers that keep trace_sessions.created_at equal to its trace's at every moment after revision
+# 0002, whoever writes: this release, or the previous one during a rolling deploy (it knows nothing of
+# the column). A NULL copy would hide the link from the partial session index, so every way a link can
+# be born or a time can change is covered. Name -> (table, trigger body).
+FOLLOW_TRIGGER = "trace_sessions_follow_created_at"
+STAMP_LINK_TRIGGER = "trace_sessions_stamp_created_at"
+STAMP_TRACE_TRIGGER = "traces_stamp_links_created_at"
+COPY_TRIGGERS: dict[str, str] = {
+    # A trace's created_at changed (re-stored by the store, or updated by the previous release).
+    FOLLOW_TRIGGER: "AFTER UPDATE OF created_at ON traces WHEN NEW.created_at IS NOT OLD.created_at"
+    " BEGIN UPDATE trace_sessions SET created_at = NEW.created_at WHERE trace_id = NEW.id; END",
+    # A link inserted without created_at (the previous release): copy its trace's.
+    STAMP_LINK_TRIGGER: "AFTER INSERT ON trace_sessions WHEN NEW.created_at IS NULL"
+    " BEGIN UPDATE trace_sessions SET created_at ="
+    " (SELECT created_at FROM traces WHERE id = NEW.trace_id) WHERE rowid = NEW.rowid; END",
+    # A trace inserted after its links (legacy writers ran with foreign keys off, so links first was
+    # allowed): its links get its time. One primary-key probe per inserted trace, usually finding nothing.
+    STAMP_TRACE_TRIGGER: "AFTER INSERT ON traces"
+    " BEGIN UPDATE trace_sessions SET created_at = NEW.created_at"
+    " WHERE trace_id = NEW.id AND created_at IS NOT NEW.created_at; END",
+}
+
+
+def create_copy_triggers() -> tuple[TextClause, ...]:
+    return tuple(
+        text(f"CREATE TRIGGER IF NOT EXISTS {name} {definition}") for name, definition in COPY_TRIGGERS.items()
     )
 
 
-def drop_follow_trigger() -> TextClause:
-    return text(f"DROP TRIGGER IF EXISTS {FOLLOW_TRIGGER}")
+def drop_copy_triggers() -> tuple[TextClause, ...]:
+    return tuple(text(f"DROP TRIGGER IF EXISTS {name}") for name in COPY_TRIGGERS)
+
+
+def missing_copy_triggers(connection: Connection) -> list[str]:
+    present = {
+        name for (name,) in connection.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'trigger'").all()
+    }
+    return [name for name in COPY_TRIGGERS if name not in present]
 
 
 def _session_index() -> Index:
@@ -108,7 +151,7 @@ def _session_index() -> Index:
 
 
 def create_session_index() -> CreateIndex:
-    """CREATE INDEX IF NOT EXISTS idx_trace_sessions_uid_time, with its DESC columns, from the model."""
+    """CREATE INDEX IF NOT EXISTS idx_trace_sessions_uid_time (partial), from the model."""
     return CreateIndex(_session_index(), if_not_exists=True)
 
 

@@ -12,7 +12,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from tracestore.engine import SINGLE_STATEMENT_READ, WRITE, configure_engine, create_engine, missing_sqlite_file
 from tracestore.errors import SchemaOutOfDateError
-from tracestore.migrate import ensure_head
+from tracestore.migrate import at_head, ensure_head
 from tracestore.queries import DriverSQL, Statements, compiled, explain_statement, statements_for
 from tracestore.rows import (
     WriteBatch,
@@ -40,9 +40,7 @@ class TraceStore:
 
     def __init__(self, url_or_engine: str | Engine = DEFAULT_URL, *, auto_upgrade: bool = True) -> None:
         owned = not isinstance(url_or_engine, Engine)
-        engine = (
-            create_engine(url_or_engine) if isinstance(url_or_engine, str) else configure_engine(url_or_engine)
-        )
+        engine = create_engine(url_or_engine) if isinstance(url_or_engine, str) else configure_engine(url_or_engine)
         self._engine = engine
         self._owned = owned
         # Engine views (shared pool): writes BEGIN IMMEDIATE so writers queue on the lock instead of
@@ -50,9 +48,12 @@ class TraceStore:
         self._write_engine = engine.execution_options(**{WRITE: True})
         self._read_engine = engine.execution_options(**{SINGLE_STATEMENT_READ: True})
         self._sql: Statements = statements_for(engine.dialect.name)
+        self._migrating = False
         try:
             _refuse_missing_file(engine.url, auto_upgrade=auto_upgrade)
-            ensure_head(engine, auto_upgrade=auto_upgrade)
+            # True while an upgrade is unfinished (see migrate.ensure_head): session queries then
+            # use the legacy join, which does not depend on the backfilled copy.
+            self._migrating = ensure_head(engine, auto_upgrade=auto_upgrade)
         except SQLAlchemyError as exc:
             self.close()
             raise storage_error(f"cannot open {engine.url!r}", exc) from exc
@@ -125,6 +126,7 @@ class TraceStore:
             since=since,
             until=until,
             limit=limit,
+            migrating=self._migrating and self._still_migrating(),
         )
         return decode_rows(self._fetch(stmt, params))
 
@@ -133,12 +135,24 @@ class TraceStore:
     ) -> list[str]:
         """The query plan of query(session_uid=..., ...), one line per plan step."""
         check_query_string("session_uid", session_uid)
-        stmt, params = prepare_query(self._sql, session_uid=session_uid, since=since, limit=limit, **filters)
+        migrating = self._migrating and self._still_migrating()
+        stmt, params = prepare_query(
+            self._sql, session_uid=session_uid, since=since, limit=limit, migrating=migrating, **filters
+        )
         try:
             with self._engine.connect() as conn:
                 return _plan(conn, stmt, params)
         except SQLAlchemyError as exc:
             raise storage_error("explain failed", exc) from exc
+
+    def _still_migrating(self) -> bool:
+        """Re-read the revision; once the upgrade reached head, switch to the fast query for good."""
+        try:
+            with self._engine.connect() as conn:
+                self._migrating = not at_head(conn)
+        except SQLAlchemyError as exc:
+            raise storage_error("cannot read the schema revision", exc) from exc
+        return self._migrating
 
     def _driver_sql(self, stmt: Any) -> DriverSQL:
         return compiled(stmt, self._engine.dialect)

@@ -1,7 +1,7 @@
 """Whether a database still holds the schema's invariants (`tracestore verify`), and repairing the drift.
 
 Read-only unless asked to fix: the checks run in one read transaction (one snapshot). With fix=True,
-missing or drifted DDL (the session index, the created_at-follow trigger) is recreated in one short
+missing or drifted DDL (the session index, the triggers that keep the copy) is recreated in one short
 write transaction, and link drift (wrong or NULL created_at, orphan links) is repaired by the
 migrations' own batched backfill, each rowid range its own short write transaction. Schema revisions
 are never changed here (that is `tracestore upgrade`) and integrity_check failures are never "fixed".
@@ -24,10 +24,11 @@ from tracestore.errors import StorageError, TraceStoreError
 from tracestore.models import SESSION_TIME_INDEX
 from tracestore.schema import (
     BOUNDED_ANALYZE,
-    FOLLOW_TRIGGER,
-    create_follow_trigger,
+    COPY_TRIGGERS,
+    create_copy_triggers,
     create_session_index,
     drop_session_index,
+    missing_copy_triggers,
     session_index_drift,
 )
 
@@ -35,16 +36,20 @@ from tracestore.schema import (
 SAMPLE_ROWS = 5
 
 SCHEMA, CREATED_AT, ORPHANS, INDEX, TRIGGER, INTEGRITY, FOREIGN_KEYS = (
-    "schema", "created_at", "orphans", "index", "trigger", "integrity", "foreign_keys",
+    "schema",
+    "created_at",
+    "orphans",
+    "index",
+    "trigger",
+    "integrity",
+    "foreign_keys",
 )
 # The checks that only make sense on a database at head (earlier revisions lack the column or index).
 _NEEDS_HEAD = (CREATED_AT, ORPHANS, INDEX, TRIGGER)
 # What fix=True repairs; orphan links are also what foreign_key_check reports.
 REPAIRABLE = frozenset({CREATED_AT, ORPHANS, INDEX, TRIGGER, FOREIGN_KEYS})
 
-_MISMATCHED = (
-    " FROM trace_sessions ts JOIN traces t ON t.id = ts.trace_id WHERE ts.created_at IS NOT t.created_at"
-)
+_MISMATCHED = " FROM trace_sessions ts JOIN traces t ON t.id = ts.trace_id WHERE ts.created_at IS NOT t.created_at"
 _ORPHANED = " FROM trace_sessions ts WHERE NOT EXISTS (SELECT 1 FROM traces t WHERE t.id = ts.trace_id)"
 
 
@@ -153,8 +158,8 @@ _TITLES = {
     SCHEMA: "schema at the head revision",
     CREATED_AT: "every link's created_at equals its trace's",
     ORPHANS: "every link's trace exists",
-    INDEX: f"index {SESSION_TIME_INDEX} (session_uid, created_at DESC, trace_id DESC)",
-    TRIGGER: f"trigger {FOLLOW_TRIGGER}",
+    INDEX: f"index {SESSION_TIME_INDEX} (session_uid, created_at, trace_id) WHERE created_at IS NOT NULL",
+    TRIGGER: f"triggers keeping the copy right ({', '.join(COPY_TRIGGERS)})",
     INTEGRITY: "PRAGMA integrity_check",
     FOREIGN_KEYS: "PRAGMA foreign_key_check",
 }
@@ -203,12 +208,12 @@ def _index_check(connection: Connection) -> Check:
 
 
 def _trigger_check(connection: Connection) -> Check:
-    present = connection.execute(
-        text("SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name = :name"), {"name": FOLLOW_TRIGGER}
-    ).scalar_one()
-    if present:
+    missing = missing_copy_triggers(connection)
+    if not missing:
         return Check(TRIGGER, _TITLES[TRIGGER], ok=True)
-    return Check(TRIGGER, _TITLES[TRIGGER], ok=False, problem=f"trigger {FOLLOW_TRIGGER} is missing", count=1)
+    return Check(
+        TRIGGER, _TITLES[TRIGGER], ok=False, problem=f"missing trigger: {', '.join(missing)}", count=len(missing)
+    )
 
 
 def _integrity_check(connection: Connection) -> Check:
@@ -259,7 +264,8 @@ def _repair(
                 autocommit.execute(drop_session_index())
                 autocommit.execute(create_session_index())
             if TRIGGER in failing:
-                autocommit.execute(create_follow_trigger())
+                for trigger in create_copy_triggers():
+                    autocommit.execute(trigger)
             run("COMMIT")
         except BaseException:
             run("ROLLBACK")
@@ -269,7 +275,7 @@ def _repair(
                 run(statement)
             repairs.append(f"recreated index {SESSION_TIME_INDEX} (it was: {_problem(found, INDEX)})")
         if TRIGGER in failing:
-            repairs.append(f"recreated trigger {FOLLOW_TRIGGER}")
+            repairs.append(f"recreated {_problem(found, TRIGGER)}")
     if failing & {CREATED_AT, ORPHANS, FOREIGN_KEYS}:
         # A leftover position (an interrupted earlier fix) would skip the rows before it: start over.
         run(f"DROP TABLE IF EXISTS {PROGRESS_TABLE}")

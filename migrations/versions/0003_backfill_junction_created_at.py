@@ -26,9 +26,7 @@ log = logging.getLogger("tracestore.migrate")
 
 
 def _batch_size() -> int:
-    configured = context.get_x_argument(as_dictionary=True).get("batch_size") or os.environ.get(
-        "TRACESTORE_BATCH_SIZE"
-    )
+    configured = context.get_x_argument(as_dictionary=True).get("batch_size") or os.environ.get("TRACESTORE_BATCH_SIZE")
     return int(configured) if configured else int(context.config.attributes.get("batch_size", DEFAULT_BATCH_SIZE))
 
 
