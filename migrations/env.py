@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from tracestore.engine import WRITE, create_async_engine, create_engine
 from tracestore.migration_lock import migration_lock
 from tracestore.models import SESSION_TIME_INDEX, Base
-from tracestore.schema import foreign_keys_off, refuse_dropping_traces, session_index_drift
+from tracestore.schema import foreign_keys_off, freed_pages_not_zeroed, refuse_dropping_traces, session_index_drift
 
 config = context.config
 if (
@@ -97,7 +97,7 @@ def run_on(connection: Connection) -> None:
 def run_revisions(connection: Connection) -> None:
     # Never rebuild or touch tables with foreign keys on: SQLite's copy-and-drop of a parent table
     # would cascade and silently delete every trace_sessions row.
-    with foreign_keys_off(connection):
+    with foreign_keys_off(connection), freed_pages_not_zeroed(connection):
         context.configure(
             connection=connection,
             target_metadata=Base.metadata,

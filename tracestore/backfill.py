@@ -18,7 +18,10 @@ log = logging.getLogger("tracestore.migrate")
 
 PROGRESS_TABLE = "tracestore_backfill_progress"
 TASK = "trace_sessions.created_at"
-DEFAULT_BATCH_SIZE = 20_000
+# Each batch adds one session-index entry per row, nearly each in its own page, while it holds the
+# write lock. Measured on a 1M-trace file under a concurrent writer (benchmarks/bench_migration.py):
+# the writer's longest wait was 0.6-0.7 s with 20,000 rows per batch and 0.23 s with 10,000.
+DEFAULT_BATCH_SIZE = 10_000
 
 ProgressCallback = Callable[[int, int], None]
 """Called after each batch with (rows done, rows in total)."""
@@ -95,6 +98,7 @@ def backfill_sqlite(
         except BaseException:
             run("ROLLBACK")
             raise
+        _restart_wal(connection)
         report.rows_scanned += rows_in_batch
         report.rows_updated += updated
         report.orphans_removed += orphans
@@ -115,6 +119,32 @@ def backfill_sqlite(
         report.seconds,
     )
     return report
+
+
+# How long a checkpoint may wait for other connections' transactions. While it waits it holds the
+# write lock, so this is also the longest it can stall a writer.
+CHECKPOINT_WAIT_MS = 100
+
+
+def _restart_wal(connection: Connection) -> None:
+    """Checkpoint the WAL and let the next writer start it over, so it stays about one batch long.
+
+    Each batch adds to the session index one entry per row in a different page: ~80 MB of WAL per
+    20,000 rows on a 10M-trace file. SQLite restarts the WAL only when a write transaction begins
+    with every frame checkpointed; with another process committing between batches that never
+    happened, and the WAL grew past 17 GB in a minute. RESTART waits for the other connections, but
+    at most CHECKPOINT_WAIT_MS (then the next batch tries again).
+    """
+    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        (previous,) = cursor.execute("PRAGMA busy_timeout").fetchone()
+        cursor.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
+        try:
+            cursor.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+        finally:
+            cursor.execute(f"PRAGMA busy_timeout={int(previous)}")
+    finally:
+        cursor.close()
 
 
 def _log_progress(report: BackfillReport, total: int, elapsed: float) -> None:

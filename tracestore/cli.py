@@ -256,7 +256,8 @@ def main(ctx: click.Context, url: str, verbose: bool) -> None:
     envvar="TRACESTORE_BATCH_SIZE",
     show_envvar=True,
     default=None,
-    help="Junction rows per backfill transaction (default 20000); smaller batches hold the write lock for less time.",
+    help=f"Junction rows per backfill transaction (default {DEFAULT_BATCH_SIZE}); smaller batches hold the write "
+    "lock for less time.",
 )
 @click.pass_obj
 def upgrade(settings: Settings, command_url: str | None, revision: str, batch_size: int | None) -> None:
@@ -351,7 +352,7 @@ def current(ctx: click.Context, settings: Settings, command_url: str | None) -> 
     envvar="TRACESTORE_BATCH_SIZE",
     show_envvar=True,
     default=None,
-    help="Junction rows per repair transaction with --fix (default 20000).",
+    help=f"Junction rows per repair transaction with --fix (default {DEFAULT_BATCH_SIZE}).",
 )
 @click.pass_obj
 @click.pass_context

@@ -28,6 +28,7 @@ from tracestore.schema import (
     create_copy_triggers,
     create_session_index,
     drop_session_index,
+    freed_pages_not_zeroed,
     missing_copy_triggers,
     session_index_drift,
 )
@@ -123,7 +124,7 @@ def verify(
             report.not_repaired = _refusal(found)
             if report.not_repaired is not None:
                 return report
-            with engine.connect() as connection:
+            with engine.connect() as connection, freed_pages_not_zeroed(connection):
                 report.repairs = _repair(connection, found, batch_size=batch_size, on_progress=on_progress)
             with engine.connect() as connection:
                 report.checks = run_checks(connection)
