@@ -4,10 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SCALE ?= 1m
 
-.PHONY: help venv demo test lint bench clean
+.PHONY: help venv demo test lint bench bench-migration clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 $(BIN)/tracestore: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ lint: venv  ## ruff and mypy
 
 bench: venv  ## benchmarks on a legacy-shaped file (SCALE=1m by default; e.g. SCALE=100k)
 	$(BIN)/python benchmarks/bench_query.py --scale $(SCALE)
+
+bench-migration: venv  ## upgrade a legacy file under a live writer, then a kill -9 / rerun (SCALE=1m; 10m ~ 15 min)
+	$(BIN)/python benchmarks/bench_migration.py --scale $(SCALE)
 
 clean:  ## remove the virtualenv, build outputs and scratch databases
 	rm -rf $(VENV) build dist *.egg-info demo.db* benchmarks/scratch

@@ -395,7 +395,8 @@ class Bench:
             Line(f"  {STEPS['0001']}", _s(steps["0001"])),
             Line(
                 f"  {STEPS['0002']}",
-                f"{_s(steps['0002'])} (column + triggers {_s(index.get('add_column_seconds'))},"
+                f"{_s(steps['0002'])} (3 transactions: column + triggers {_s(index.get('add_column_seconds'))},"
+                f" drop idx_trace_sessions_trace {_s(index.get('drop_trace_index_seconds'))},"
                 f" index {_s(index.get('index_seconds'))})",
             ),
             Line(f"  {STEPS['0003']} (batch {self.batch_size:,})", _s(steps["0003"])),

@@ -137,10 +137,12 @@ def _restart_wal(connection: Connection) -> None:
     """
     cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
-        (previous,) = cursor.execute("PRAGMA busy_timeout").fetchone()
+        cursor.execute("PRAGMA busy_timeout")
+        (previous,) = cursor.fetchone()
         cursor.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
         try:
-            cursor.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
+            cursor.execute("PRAGMA wal_checkpoint(RESTART)")
+            cursor.fetchall()
         finally:
             cursor.execute(f"PRAGMA busy_timeout={int(previous)}")
     finally:

@@ -290,6 +290,7 @@ def upgrade(settings: Settings, command_url: str | None, revision: str, batch_si
     index = reports.get("index", {})
     steps = (
         ("add_column_seconds", "column and triggers added in"),
+        ("drop_trace_index_seconds", "legacy index idx_trace_sessions_trace dropped in"),
         ("index_seconds", "index idx_trace_sessions_uid_time created (empty, filled by the backfill) in"),
         ("drop_seconds", "legacy index idx_trace_sessions_uid dropped in"),
         ("analyze_seconds", "ANALYZE in"),

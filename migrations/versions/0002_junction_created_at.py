@@ -1,20 +1,21 @@
 """Add trace_sessions.created_at, the triggers that keep it right, and the (empty) session index.
 
-One short transaction, the "expand" step of an online migration; the backfill (0003) then fills the
-copy a batch at a time and 0004 retires the legacy session index.
+The "expand" step of an online migration; the backfill (0003) then fills the copy a batch at a time
+and 0004 retires the legacy session index. Three short write transactions, so a writer waits for one
+step at a time, never for their sum; each step is written to be run again, so a run killed between
+them is finished by the next `upgrade`.
 
-- ALTER TABLE ADD COLUMN is a constant-time schema change in SQLite (no row is rewritten). The column
-  is nullable: NOT NULL would need a full table rebuild.
-- The triggers (schema.COPY_TRIGGERS) keep every copy equal to its trace's from this commit on,
-  whoever writes: instances of the previous release keep inserting links without created_at and may
-  update traces during a rolling deploy.
-- idx_trace_sessions_uid_time is partial (WHERE created_at IS NOT NULL). Created now, while every
-  copy is NULL, it costs one scan of the junction table and no sort; each backfill batch then adds
-  its own rows to it. A full CREATE INDEX after the backfill held the write lock for the whole sort
-  (2.7 s at 1M traces, about ten times that at 10M), stalling every writer.
-- idx_trace_sessions_trace (trace_id) is dropped here: the primary key's index starts with trace_id
-  and serves the same lookups, and the pages it frees are reused by the backfill instead of growing
-  the file. idx_trace_sessions_uid stays until 0004: readers of the previous release need it.
+1. ALTER TABLE ADD COLUMN (constant time in SQLite: no row is rewritten; nullable, since NOT NULL
+   would need a full table rebuild) and the triggers (schema.COPY_TRIGGERS) that keep every copy
+   equal to its trace's from this commit on, whoever writes: instances of the previous release keep
+   inserting links without created_at and may update traces during a rolling deploy.
+2. Drop idx_trace_sessions_trace: the primary key's index starts with trace_id and serves the same
+   lookups, and the pages it frees are reused by the backfill instead of growing the file.
+   idx_trace_sessions_uid stays until 0004: readers of the previous release need it.
+3. Create idx_trace_sessions_uid_time, partial (WHERE created_at IS NOT NULL). Created while every
+   copy is NULL, it costs one scan of the junction table and no sort; each backfill batch then adds
+   its own rows. A full CREATE INDEX after the backfill held the write lock for the whole sort (31 s
+   at 10M traces).
 
 Revision ID: 0002
 Revises: 0001
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import sqlalchemy as sa
 from alembic import context, op
@@ -45,25 +47,51 @@ depends_on = None
 log = logging.getLogger("tracestore.migrate")
 
 
-def upgrade() -> None:
-    started = time.monotonic()
+def _add_column_and_triggers() -> None:
     # A database that ran the spec's hand-written migration may already have the column.
     if "created_at" not in column_names(op.get_bind(), "trace_sessions"):
         op.add_column("trace_sessions", sa.Column("created_at", EpochSeconds, nullable=True))
     for statement in create_copy_triggers():
         op.execute(statement)
+
+
+def _drop_trace_index() -> None:
     op.drop_index("idx_trace_sessions_trace", table_name="trace_sessions", if_exists=True)
-    indexed = time.monotonic()
+
+
+def _create_session_index() -> None:
     op.execute(create_session_index())
-    done = time.monotonic()
+
+
+def _in_own_transaction(step: Callable[[], None]) -> float:
+    """Run one step as its own BEGIN IMMEDIATE transaction; returns its duration."""
+    run = op.get_bind().exec_driver_sql
+    started = time.monotonic()
+    run("BEGIN IMMEDIATE")
+    try:
+        step()
+        run("COMMIT")
+    except BaseException:
+        run("ROLLBACK")
+        raise
+    return time.monotonic() - started
+
+
+def upgrade() -> None:
+    with op.get_context().autocommit_block():
+        added = _in_own_transaction(_add_column_and_triggers)
+        dropped = _in_own_transaction(_drop_trace_index)
+        indexed = _in_own_transaction(_create_session_index)
     context.config.attributes.setdefault("reports", {}).setdefault("index", {}).update(
-        {"add_column_seconds": indexed - started, "index_seconds": done - indexed}
+        {"add_column_seconds": added, "drop_trace_index_seconds": dropped, "index_seconds": indexed}
     )
     log.info(
-        "column and triggers added in %.1fs; index %s created in %.1fs (empty: the backfill fills it)",
-        indexed - started,
+        "column and triggers added in %.1fs, idx_trace_sessions_trace dropped in %.1fs, index %s created in %.1fs"
+        " (empty: the backfill fills it)",
+        added,
+        dropped,
         SESSION_TIME_INDEX,
-        done - indexed,
+        indexed,
     )
 
 
