@@ -12,7 +12,9 @@ One run, one data set:
   5. crash test: a second copy of the legacy file is upgraded by `tracestore upgrade` in a separate
      process, killed with SIGKILL at a random point of the backfill (seeded), upgraded again to head,
      and compared with the uninterrupted run: row counts and a SHA-256 of every (trace_id, session_uid,
-     created_at) of the legacy traces' links (the writer's own traces exist only in the first file).
+     created_at) of the legacy traces' links (the writer's own traces exist only in the first file);
+  6. with --downgrade, the migrated file is downgraded to 0001 step by step (timed, no writer) and its
+     legacy links, columns and integrity_check compared with the legacy file.
 
     python benchmarks/bench_migration.py --scale 1m [--batch-size N] [--writer-rate 500] [--no-kill] [--keep]
                                          [--json out.json]
@@ -55,7 +57,7 @@ from bench_query import (
 
 from tracestore.backfill import DEFAULT_BATCH_SIZE, PROGRESS_TABLE
 from tracestore.errors import StorageError
-from tracestore.migrate import current_revision, head_revision, upgrade
+from tracestore.migrate import current_revision, downgrade, head_revision, upgrade
 from tracestore.testing.bulk import GenerateReport, generate_legacy
 
 STEPS = {
@@ -472,19 +474,20 @@ class Bench:
 
 
 LEGACY_LINKS = (
-    "SELECT ts.trace_id, ts.session_uid, ts.created_at FROM trace_sessions ts"
+    "SELECT ts.trace_id, ts.session_uid{created_at} FROM trace_sessions ts"
     " WHERE NOT EXISTS (SELECT 1 FROM traces t WHERE t.id = ts.trace_id AND t.namespace = ?)"
     " ORDER BY ts.trace_id, ts.session_uid"
 )
 
 
-def link_checksum(path: Path) -> dict[str, Any]:
-    """Count and SHA-256 of the legacy traces' links, (trace_id, session_uid, created_at) in key order."""
+def link_checksum(path: Path, *, with_created_at: bool = True) -> dict[str, Any]:
+    """Count and SHA-256 of the legacy traces' links, (trace_id, session_uid[, created_at]) in key order."""
     digest = hashlib.sha256()
     count = 0
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    sql = LEGACY_LINKS.format(created_at=", ts.created_at" if with_created_at else "")
     try:
-        for row in connection.execute(LEGACY_LINKS, (WRITER_NAMESPACE,)):
+        for row in connection.execute(sql, (WRITER_NAMESPACE,)):
             digest.update(repr(row).encode())
             count += 1
     finally:
@@ -585,6 +588,43 @@ class KillAndRerun:
         remove_db(self.work)
 
 
+def downgrade_to_legacy(bench: Bench, legacy: Path, migrated: Path) -> None:
+    """6. Downgrade the migrated file to 0001 step by step (timed), and compare its links with the legacy file's."""
+    url = f"sqlite:///{migrated}"
+    steps: dict[str, float] = {}
+    for revision in ("0003", "0002", "0001"):
+        bench.log(f"downgrade to {revision}")
+        started = time.perf_counter()
+        downgrade(url, revision)
+        steps[revision] = time.perf_counter() - started
+    bench.log("downgrade: checksums of the downgraded and the legacy files")
+    downgraded, original = link_checksum(migrated, with_created_at=False), link_checksum(legacy, with_created_at=False)
+    connection = sqlite3.connect(migrated)
+    try:
+        columns = [row[1] for row in connection.execute("PRAGMA table_info(trace_sessions)")]
+        integrity = [row[0] for row in connection.execute("PRAGMA integrity_check")]
+    finally:
+        connection.close()
+    same = downgraded == original and columns == ["trace_id", "session_uid"] and integrity == ["ok"]
+    bench.out["downgrade"] = {"steps": steps, "links": downgraded, "legacy_links": original, "same": same}
+    if not same:
+        bench.problems.append(f"downgrade: the file differs from the legacy one: {bench.out['downgrade']}")
+    bench.lines += [
+        Line(
+            "downgrade head -> 0001 (writers stopped): total, per step",
+            f"{_s(sum(steps.values()))} (to 0003 {_s(steps['0003'])}: CREATE INDEX idx_trace_sessions_uid;"
+            f" to 0002 {_s(steps['0002'])}; to 0001 {_s(steps['0001'])}: CREATE INDEX idx_trace_sessions_trace,"
+            " DROP COLUMN)",
+        ),
+        Line(
+            "  downgraded links equal the legacy file's (count, sha256), legacy columns, integrity_check",
+            f"{'equal' if same else 'DIFFERENT'} ({downgraded['links']:,} links, sha256 {downgraded['sha256'][:12]})",
+            "equal",
+            same,
+        ),
+    ]
+
+
 def _span(stall: dict[str, Any] | None) -> str:
     if stall is None:
         return "no inserts"
@@ -641,6 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="scratch directory (gitignored)")
     parser.add_argument("--keep", action="store_true", help="keep the files, and reuse a matching legacy file")
     parser.add_argument("--no-kill", action="store_true", help="skip the kill -9 / rerun crash test")
+    parser.add_argument("--downgrade", action="store_true", help="finally downgrade the migrated file to 0001, timed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -664,6 +705,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.check(legacy, work, data, writer)
         if not args.no_kill:
             crash.run(data)
+        if args.downgrade:
+            downgrade_to_legacy(bench, legacy, work)
     finally:
         crash.cleanup()
         if not args.keep:

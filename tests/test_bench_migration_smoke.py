@@ -18,6 +18,7 @@ def test_bench_migration_runs_under_a_writer_and_prints_the_stall_row(tmp_path: 
         "--scale", "20k",
         "--settle", "0.3",
         "--batch-size", "200",
+        "--downgrade",
         "--workdir", str(tmp_path / "scratch"),
         "--json", str(out),
     ]  # fmt: skip
@@ -36,6 +37,8 @@ def test_bench_migration_runs_under_a_writer_and_prints_the_stall_row(tmp_path: 
     crash = report["kill_and_rerun"]
     assert crash["killed"] and crash["revision_after_kill"] == "0002"
     assert crash["same"] and crash["killed_file"]["links"] > 20_000
+    # ...and the migrated file went back to the legacy schema with the legacy file's links.
+    assert report["downgrade"]["same"] and set(report["downgrade"]["steps"]) == {"0003", "0002", "0001"}
     # The writer kept writing through the upgrade, and every insert it committed is in the file.
     assert report["writer"]["commits"] == checks["writer_traces"] > 0
     assert report["writer"]["longest_stall"]["ms"] > 0

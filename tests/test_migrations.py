@@ -156,19 +156,36 @@ def test_store_answers_like_the_oracle_after_a_legacy_upgrade(legacy_db: Path) -
                     assert set(trace.session_uids) == set(row[7])
 
 
+def schema_objects(path: Path) -> list[tuple[str, str, str | None]]:
+    """Every schema object with its SQL text, whitespace removed (SQLAlchemy writes `t (c)`, sqlite3 `t(c)`)."""
+    with sqlite3.connect(path) as connection:
+        rows = connection.execute(
+            "SELECT type, name, sql FROM sqlite_master WHERE name NOT IN ('alembic_version',"
+            " 'sqlite_autoindex_alembic_version_1') AND name NOT LIKE 'sqlite_stat%' ORDER BY name"
+        ).fetchall()
+    return [(kind, name, "".join(sql.split()) if sql else None) for kind, name, sql in rows]
+
+
 def test_no_junction_row_is_lost_across_the_chain(legacy_db: Path) -> None:
+    """legacy -> head -> 0001 gives back the legacy file's exact schema text and rows; up again, the same head."""
     url = f"sqlite:///{legacy_db}"
-    _, links_before = dump(legacy_db)
+    legacy_schema = schema_objects(legacy_db)
+    traces_before, links_before = dump(legacy_db)
     expected = [link for link in links_before if not link[0].startswith("gone-")]
     upgrade(url)
-    assert dump(legacy_db)[1] == expected
-    downgrade(url, "0001")
-    assert dump(legacy_db)[1] == expected
+    head_schema = schema_objects(legacy_db)
     with sqlite3.connect(legacy_db) as connection:
-        columns = [row[1] for row in connection.execute("PRAGMA table_info(trace_sessions)")]
-    assert columns == ["trace_id", "session_uid"]  # back to the legacy shape
+        head_links = connection.execute(LINKS_WITH_TIME).fetchall()
+    assert dump(legacy_db) == (traces_before, expected)
+    downgrade(url, "0001")
+    assert dump(legacy_db) == (traces_before, expected)
+    assert schema_objects(legacy_db) == legacy_schema  # the legacy DDL, byte for byte
     upgrade(url)
-    assert dump(legacy_db)[1] == expected
+    assert dump(legacy_db) == (traces_before, expected)
+    assert schema_objects(legacy_db) == head_schema
+    with sqlite3.connect(legacy_db) as connection:
+        assert connection.execute(LINKS_WITH_TIME).fetchall() == head_links
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
 def test_downgrade_to_base_refuses_to_drop_traces(legacy_db: Path) -> None:

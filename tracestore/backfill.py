@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
 
+from tracestore.online import write_transaction
+
 log = logging.getLogger("tracestore.migrate")
 
 PROGRESS_TABLE = "tracestore_backfill_progress"
@@ -89,16 +91,10 @@ def backfill_sqlite(
                 {"lo": low, "hi": high},
             ).scalar_one()
         bounds = {"lo": low, "hi": high}
-        run("BEGIN IMMEDIATE")
-        try:
+        with write_transaction(connection, checkpoint=True):
             orphans = connection.execute(_DELETE_ORPHANS, bounds).rowcount
             updated = connection.execute(_FILL, bounds).rowcount
             connection.execute(_SAVE, {"task": TASK, "hi": high})
-            run("COMMIT")
-        except BaseException:
-            run("ROLLBACK")
-            raise
-        _restart_wal(connection)
         report.rows_scanned += rows_in_batch
         report.rows_updated += updated
         report.orphans_removed += orphans
@@ -119,34 +115,6 @@ def backfill_sqlite(
         report.seconds,
     )
     return report
-
-
-# How long a checkpoint may wait for other connections' transactions. While it waits it holds the
-# write lock, so this is also the longest it can stall a writer.
-CHECKPOINT_WAIT_MS = 100
-
-
-def _restart_wal(connection: Connection) -> None:
-    """Checkpoint the WAL and let the next writer start it over, so it stays about one batch long.
-
-    Each batch adds to the session index one entry per row in a different page: ~80 MB of WAL per
-    20,000 rows on a 10M-trace file. SQLite restarts the WAL only when a write transaction begins
-    with every frame checkpointed; with another process committing between batches that never
-    happened, and the WAL grew past 17 GB in a minute. RESTART waits for the other connections, but
-    at most CHECKPOINT_WAIT_MS (then the next batch tries again).
-    """
-    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        cursor.execute("PRAGMA busy_timeout")
-        (previous,) = cursor.fetchone()
-        cursor.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
-        try:
-            cursor.execute("PRAGMA wal_checkpoint(RESTART)")
-            cursor.fetchall()
-        finally:
-            cursor.execute(f"PRAGMA busy_timeout={int(previous)}")
-    finally:
-        cursor.close()
 
 
 def _log_progress(report: BackfillReport, total: int, elapsed: float) -> None:

@@ -20,7 +20,8 @@ import time
 
 from alembic import context, op
 
-from tracestore.schema import BOUNDED_ANALYZE
+from tracestore.online import read_into_cache, write_transaction
+from tracestore.schema import BOUNDED_ANALYZE, index_names
 
 revision = "0004"
 down_revision = "0003"
@@ -31,9 +32,15 @@ log = logging.getLogger("tracestore.migrate")
 
 
 def upgrade() -> None:
-    started = time.monotonic()
-    op.drop_index("idx_trace_sessions_uid", table_name="trace_sessions", if_exists=True)
-    dropped = time.monotonic()
+    connection = op.get_bind()
+    with op.get_context().autocommit_block():
+        # DROP INDEX walks every page of the index under the write lock: read them first, without it.
+        if "idx_trace_sessions_uid" in index_names(connection, "trace_sessions"):
+            read_into_cache(connection, "trace_sessions", "idx_trace_sessions_uid")
+        started = time.monotonic()
+        with write_transaction(connection):
+            op.drop_index("idx_trace_sessions_uid", table_name="trace_sessions", if_exists=True)
+        dropped = time.monotonic()
     for statement in BOUNDED_ANALYZE:
         op.execute(statement)
     analyzed = time.monotonic()
