@@ -222,3 +222,32 @@ def test_store_reads_do_not_open_transactions_on_the_version_table(tmp_path: Pat
         with engine.begin() as connection:  # a writer gets the lock at once
             connection.execute(text("UPDATE traces SET updated_at = updated_at WHERE id = 'old'"))
         engine.dispose()
+
+
+HOLD_LOCK_THEN_UPGRADE = """
+import sys, time
+from sqlalchemy.engine import make_url
+from tracestore.migrate import upgrade
+from tracestore.migration_lock import migration_lock
+with migration_lock(make_url(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(1.0)  # a legacy file, locked, not yet at 0002: a store opening now must wait for 0002
+    upgrade(sys.argv[1], "0002")  # nested: the lock this process holds is not taken twice
+    time.sleep(30)
+"""
+
+
+def test_auto_upgrade_waits_for_another_migration_to_reach_servable_revision(tmp_path: Path) -> None:
+    path = tmp_path / "starting.db"
+    traces = legacy_dataset(seed=10)
+    create_legacy_db(path, legacy_rows(traces))
+    url = f"sqlite:///{path}"
+    process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK_THEN_UPGRADE, url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == "locked"
+        with TraceStore(url) as store:  # waits about a second, then serves with migration-time reads
+            assert current_revision(url) == "0002"
+            assert_answers_like_the_oracle(store, traces)
+    finally:
+        process.kill()
+        process.wait()

@@ -1,8 +1,9 @@
 """Batched backfill of trace_sessions.created_at from traces, with orphan removal and resume.
 
-Each batch is its own short write transaction over a rowid range of the junction table, so a
-concurrent writer waits at most one batch, a kill loses at most one batch of work, and the
-position is saved in the same transaction as the batch it describes.
+Each batch is its own short write transaction over a rowid range of the junction table (which also
+adds the batch's rows to the partial session index), so a concurrent writer waits at most one batch
+(the lock is left free between batches, see tracestore.online), a kill loses at most one batch of
+work, and the position is saved in the same transaction as the batch it describes.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import time
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -110,6 +111,8 @@ def current_revision(target: Target) -> str | None:
 # From this revision on the column and its triggers exist, so the store can answer correctly (with
 # the legacy join) while the backfill of a running or interrupted upgrade is unfinished.
 MIGRATING_READS_FROM = "0002"
+# How long a store opening with auto_upgrade waits for another process's upgrade to reach it.
+WAIT_FOR_FIRST_STEPS_S = 60.0
 
 
 def ensure_head(target: Engine | Connection, *, auto_upgrade: bool) -> bool:
@@ -124,10 +127,19 @@ def ensure_head(target: Engine | Connection, *, auto_upgrade: bool) -> bool:
     if current == head:
         return False
     url = target.engine.url
-    if auto_upgrade and not migration_running(url):
-        upgrade(target)
-        return False
-    if current is not None and is_at_least(current, MIGRATING_READS_FROM):
+    if auto_upgrade:
+        # Another process started upgrading a legacy file moments ago: its first steps take seconds,
+        # then the file can be served while its backfill runs. Wait for that, not for the backfill.
+        deadline = time.monotonic() + WAIT_FOR_FIRST_STEPS_S
+        while migration_running(url) and not _serves_migrating_reads(current) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            current = current_revision(target)
+        if current == head:
+            return False
+        if not migration_running(url):
+            upgrade(target)
+            return False
+    if _serves_migrating_reads(current):
         log.warning(
             "database is at revision %s, head is %s: %s; session queries use the legacy join (slower) until it "
             "reaches head",
@@ -137,10 +149,19 @@ def ensure_head(target: Engine | Connection, *, auto_upgrade: bool) -> bool:
         )
         return True
     shown = url.render_as_string(hide_password=True)
+    if migration_running(url):
+        raise SchemaOutOfDateError(
+            f"database is at revision {current or 'none (legacy or empty)'} and another process is upgrading it; "
+            f"it can be served from revision {MIGRATING_READS_FROM} on: try again in a moment"
+        )
     raise SchemaOutOfDateError(
         f"database is at revision {current or 'none (legacy or empty)'}, tracestore needs {head}: "
         f"run `tracestore upgrade --url {shown}` (or `alembic -x url={shown} upgrade head`) first"
     )
+
+
+def _serves_migrating_reads(revision: str | None) -> bool:
+    return revision is not None and is_at_least(revision, MIGRATING_READS_FROM)
 
 
 def at_head(connection: Connection) -> bool:

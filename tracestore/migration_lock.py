@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -46,12 +47,18 @@ def _open(path: str) -> int | None:
         return None
 
 
+# Lock files this thread holds: flock conflicts between two descriptors even in one process, so a
+# nested migration (upgrade called while holding the lock) must not lock again.
+_held = threading.local()
+
+
 @contextmanager
 def migration_lock(url: URL) -> Iterator[None]:
     """Hold the database's migration lock for the block, waiting for another migration to finish."""
     path = lock_path(url)
-    descriptor = _open(path) if path else None
-    if descriptor is None:
+    held: set[str] = _held.__dict__.setdefault("paths", set())
+    descriptor = _open(path) if path and path not in held else None
+    if descriptor is None or path is None:
         yield
         return
     try:
@@ -60,14 +67,20 @@ def migration_lock(url: URL) -> Iterator[None]:
         except BlockingIOError:
             log.info("another migration of %s is running; waiting for it to finish", url.database)
             fcntl.flock(descriptor, fcntl.LOCK_EX)
-        yield
+        held.add(path)
+        try:
+            yield
+        finally:
+            held.discard(path)
     finally:
         os.close(descriptor)  # releases the lock
 
 
 def migration_running(url: URL) -> bool:
-    """True while another process holds the database's migration lock."""
+    """True while another process (or thread) holds the database's migration lock."""
     path = lock_path(url)
+    if path in _held.__dict__.get("paths", ()):
+        return False  # this thread is the migration
     descriptor = _open(path) if path else None
     if descriptor is None:
         return False

@@ -1,8 +1,9 @@
 """Backfill trace_sessions.created_at from traces in bounded batches; remove orphan links.
 
 Runs outside the migration transaction (autocommit block): every batch commits on its own and saves
-its position, so a killed run resumes where it stopped. Batch size: `-x batch_size=N`, then
-$TRACESTORE_BATCH_SIZE, then the default.
+its position, so a killed run resumes where it stopped. Each batch also fills the partial session
+index that 0002 created empty. Batch size: `-x batch_size=N`, then $TRACESTORE_BATCH_SIZE, then the
+default (tracestore upgrade --batch-size sets the same).
 
 Revision ID: 0003
 Revises: 0002
