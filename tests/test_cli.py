@@ -15,11 +15,11 @@ from click.testing import CliRunner, Result
 
 from tracestore import TraceContext, TraceStore
 from tracestore.cli import main, parse_duration
-from tracestore.migrate import current_revision, head_revision
+from tracestore.migrate import current_revision, head_revision, upgrade
 from tracestore.testing import make_traces
 
 from .legacy import LegacyRow, create_legacy_db
-from .oracle import oracle_query
+from .oracle import make_trace, oracle_query
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "tracestore"
 COMMANDS = ["upgrade", "downgrade", "current", "explain", "recent", "demo"]
@@ -343,3 +343,42 @@ def test_console_script(tmp_path: Path, legacy_db: tuple[str, list[TraceContext]
     recent = script("recent", "s-alpha", "--url", url)
     assert recent.returncode == 0 and recent.stdout.strip()
     assert " traces in " in recent.stderr
+
+
+def test_finalize_ends_the_rolling_deploy(tmp_path: Path) -> None:
+    """finalize drops the two stamp triggers (not the one the store needs); verify stays green and says so;
+    a previous-release insert after that is caught by verify and repaired without bringing them back."""
+    path = tmp_path / "final.db"
+    url = f"sqlite:///{path}"
+    with TraceStore(url) as store:
+        store.store(make_trace(id="t1", created_at=100.0, session_uids=["s"]))
+    before = run("verify", "--url", url)
+    assert before.exit_code == 0 and "rolling-deploy triggers present" in before.stdout
+
+    result = run("finalize", "--url", url)
+    assert result.exit_code == 0, result.output
+    assert "dropped trace_sessions_stamp_created_at, traces_stamp_links_created_at" in result.stdout
+    with sqlite3.connect(path) as connection:
+        triggers = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+    assert triggers == {"trace_sessions_follow_created_at"}
+    assert "already finalized" in run("finalize", "--url", url).stdout
+    after = run("verify", "--url", url)
+    assert after.exit_code == 0 and "finalized: no rolling-deploy triggers" in after.stdout
+
+    with sqlite3.connect(path) as old_release:  # a straggler of the previous release
+        old_release.execute("INSERT INTO traces VALUES ('t2', 'a', 'b', '1', '{}', 200.0, 200.0)")
+        old_release.execute("INSERT INTO trace_sessions (trace_id, session_uid) VALUES ('t2', 's')")
+    assert run("verify", "--url", url).exit_code == 1
+    assert run("verify", "--fix", "--url", url).exit_code == 0
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT created_at FROM trace_sessions WHERE trace_id = 't2'").fetchone() == (200.0,)
+        assert connection.execute("SELECT count(*) FROM sqlite_master WHERE type = 'trigger'").fetchone() == (1,)
+
+
+def test_finalize_is_refused_below_head(tmp_path: Path) -> None:
+    path = tmp_path / "legacy.db"
+    create_legacy_db(path, [("t1", "a", "b", 1, {}, 10.0, 10.0, ("s",))])
+    upgrade(f"sqlite:///{path}", "0003")
+    result = run("finalize", "--url", f"sqlite:///{path}")
+    assert result.exit_code != 0
+    assert "finalize after `tracestore upgrade` has reached head" in result.output

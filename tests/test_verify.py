@@ -15,7 +15,7 @@ from tracestore.cli import main
 from tracestore.engine import create_engine
 from tracestore.migrate import current_revision, downgrade, head_revision, upgrade
 from tracestore.models import SESSION_TIME_INDEX
-from tracestore.schema import FOLLOW_TRIGGER, STAMP_LINK_TRIGGER, STAMP_TRACE_TRIGGER
+from tracestore.schema import FOLLOW_TRIGGER
 from tracestore.testing import make_traces
 from tracestore.verify import Check, verify
 
@@ -153,10 +153,6 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], list[str]], set[str]]] = {
         {"index"},
     ),
     "trigger dropped": (lambda path: [f"DROP TRIGGER {FOLLOW_TRIGGER}"], {"trigger"}),
-    "stamp triggers dropped": (
-        lambda path: [f"DROP TRIGGER {STAMP_LINK_TRIGGER}", f"DROP TRIGGER {STAMP_TRACE_TRIGGER}"],
-        {"trigger"},
-    ),
 }
 
 

@@ -344,6 +344,25 @@ def current(ctx: click.Context, settings: Settings, command_url: str | None) -> 
     ctx.exit(1)
 
 
+@main.command()
+@url_option
+@click.pass_obj
+def finalize(settings: Settings, command_url: str | None) -> None:
+    """End a rolling deploy: drop the triggers that fill created_at for the previous release's writes.
+
+    Run it once every instance runs this release. The triggers make each insert slower (plain inserts
+    0.71x as fast with them at 1M traces); the store itself never needs them. Safe to run twice.
+    """
+    url = database_url(settings, command_url)
+    require_database(url)
+    dropped = migrate.finalize(url)
+    out = stdout()
+    if dropped:
+        out.print(f"Finalized {escape(shown(url))}: dropped {', '.join(dropped)}")
+    else:
+        out.print(f"{escape(shown(url))} is already finalized: no rolling-deploy triggers")
+
+
 @main.command("verify")
 @url_option
 @click.option("--fix", is_flag=True, help="Repair what can be repaired (links, index, trigger), then check again.")

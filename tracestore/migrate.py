@@ -21,6 +21,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from tracestore.engine import create_engine, sync_url
 from tracestore.errors import RevisionError, SchemaOutOfDateError, StorageError
 from tracestore.migration_lock import migration_running
+from tracestore.online import write_transaction
+from tracestore.schema import ROLLING_DEPLOY_TRIGGERS, drop_copy_triggers, missing_copy_triggers
 
 UrlOrEngine = str | Engine
 Target = str | Engine | Connection
@@ -88,6 +90,39 @@ def upgrade(
 def downgrade(target: Target, revision: str, *, drop_data: bool = False) -> None:
     """Downgrade to `revision`. Going to "base" drops the tables: refused while traces exist unless drop_data."""
     _run(target, lambda config: command.downgrade(config, revision), drop_data=drop_data)
+
+
+def finalize(target: UrlOrEngine) -> list[str]:
+    """End the rolling deploy: drop the triggers that stamp the previous release's writes; returns their names.
+
+    Run it once no instance of the previous release writes any more. From then on a link inserted
+    without created_at stays NULL and is invisible to session queries until `tracestore verify --fix`.
+    Idempotent; refused below head (the upgrade still needs the triggers).
+    """
+    engine, owned = _engine(target)
+    try:
+        with engine.connect() as connection:
+            current = current_revision(connection)
+            if current != head_revision():
+                raise SchemaOutOfDateError(
+                    f"database is at revision {current or 'none (legacy or empty)'}: finalize after "
+                    "`tracestore upgrade` has reached head and the previous release has stopped writing"
+                )
+            present = [name for name in ROLLING_DEPLOY_TRIGGERS if name not in missing_copy_triggers(connection)]
+            connection.commit()
+        with engine.connect() as connection:
+            autocommit = connection.execution_options(isolation_level="AUTOCOMMIT")
+            with write_transaction(autocommit):
+                for statement in drop_copy_triggers(ROLLING_DEPLOY_TRIGGERS):
+                    autocommit.execute(statement)
+        for name in present:
+            log.info("dropped trigger %s", name)
+        return present
+    except SQLAlchemyError as exc:
+        raise StorageError(f"finalize failed: {exc}") from exc
+    finally:
+        if owned:
+            engine.dispose()
 
 
 def current_revision(target: Target) -> str | None:

@@ -24,7 +24,8 @@ from tracestore.errors import StorageError, TraceStoreError
 from tracestore.models import SESSION_TIME_INDEX
 from tracestore.schema import (
     BOUNDED_ANALYZE,
-    COPY_TRIGGERS,
+    REQUIRED_TRIGGERS,
+    ROLLING_DEPLOY_TRIGGERS,
     create_copy_triggers,
     create_session_index,
     drop_session_index,
@@ -160,7 +161,7 @@ _TITLES = {
     CREATED_AT: "every link's created_at equals its trace's",
     ORPHANS: "every link's trace exists",
     INDEX: f"index {SESSION_TIME_INDEX} (session_uid, created_at, trace_id) WHERE created_at IS NOT NULL",
-    TRIGGER: f"triggers keeping the copy right ({', '.join(COPY_TRIGGERS)})",
+    TRIGGER: f"trigger {', '.join(REQUIRED_TRIGGERS)}",
     INTEGRITY: "PRAGMA integrity_check",
     FOREIGN_KEYS: "PRAGMA foreign_key_check",
 }
@@ -209,11 +210,25 @@ def _index_check(connection: Connection) -> Check:
 
 
 def _trigger_check(connection: Connection) -> Check:
-    missing = missing_copy_triggers(connection)
+    missing = missing_copy_triggers(connection, REQUIRED_TRIGGERS)
+    rolling = [name for name in ROLLING_DEPLOY_TRIGGERS if name not in missing_copy_triggers(connection)]
+    details = (
+        (
+            f"rolling-deploy triggers present ({', '.join(rolling)}): `tracestore finalize` drops them once no "
+            "instance of the previous release writes",
+        )
+        if rolling
+        else ("finalized: no rolling-deploy triggers",)
+    )
     if not missing:
-        return Check(TRIGGER, _TITLES[TRIGGER], ok=True)
+        return Check(TRIGGER, _TITLES[TRIGGER], ok=True, details=details)
     return Check(
-        TRIGGER, _TITLES[TRIGGER], ok=False, problem=f"missing trigger: {', '.join(missing)}", count=len(missing)
+        TRIGGER,
+        _TITLES[TRIGGER],
+        ok=False,
+        problem=f"missing trigger: {', '.join(missing)}",
+        count=len(missing),
+        details=details,
     )
 
 
@@ -265,7 +280,7 @@ def _repair(
                 autocommit.execute(drop_session_index())
                 autocommit.execute(create_session_index())
             if TRIGGER in failing:
-                for trigger in create_copy_triggers():
+                for trigger in create_copy_triggers(REQUIRED_TRIGGERS):
                     autocommit.execute(trigger)
             run("COMMIT")
         except BaseException:
