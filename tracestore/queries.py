@@ -117,23 +117,14 @@ class Statements:
         """Traces of one session, newest first: filtered and ordered on the junction's own created_at.
 
         The composite index (session_uid, created_at, trace_id) serves the filter and the whole sort
-        key, so SQLite walks it backwards and stops after LIMIT entries: no sort, no temp
-        b-tree. `created_at IS NOT NULL` is the index's own predicate (it is partial), stated so the
-        planner may use it for every shape, with or without `since`.
+        key, so SQLite walks it backwards and stops after LIMIT entries: no sort, no temp b-tree.
+        `created_at IS NOT NULL` is the index's own predicate (it is partial), stated so the planner
+        may use it for every shape, with or without `since`.
         """
         link = aliased(TraceSession, name="ts")
-        stmt = (
-            select(*_trace_columns(self.dialect_name))
-            .select_from(link)
-            .join(Trace, Trace.id == link.trace_id)
-            .where(link.session_uid == bindparam("session_uid"), link.created_at.is_not(None))
-            .order_by(link.created_at.desc(), link.trace_id.desc())
-        )
-        if since:
-            stmt = stmt.where(link.created_at >= bindparam("since"))
-        if until:
-            stmt = stmt.where(link.created_at < bindparam("until"))
-        return _filtered(stmt, limit=limit, namespace=namespace, context_type=context_type)
+        stmt = self._session_join(link).where(link.created_at.is_not(None))
+        flags = {"since": since, "until": until, "limit": limit, "namespace": namespace, "context_type": context_type}
+        return _time_ordered(stmt, link.created_at, link.trace_id, **flags)
 
     @cache  # noqa: B019
     def session_traces_migrating(
@@ -145,29 +136,43 @@ class Statements:
         sessions, the reason the copy exists) and never the partial index. Used only between
         revision 0002 and head.
         """
-        link = aliased(TraceSession, name="ts")
-        stmt = (
+        stmt = self._session_join(aliased(TraceSession, name="ts"))
+        flags = {"since": since, "until": until, "limit": limit, "namespace": namespace, "context_type": context_type}
+        return _time_ordered(stmt, Trace.created_at, Trace.id, **flags)
+
+    def _session_join(self, link: Any) -> Select[Any]:
+        return (
             select(*_trace_columns(self.dialect_name))
             .select_from(link)
             .join(Trace, Trace.id == link.trace_id)
             .where(link.session_uid == bindparam("session_uid"))
-            .order_by(Trace.created_at.desc(), Trace.id.desc())
         )
-        if since:
-            stmt = stmt.where(Trace.created_at >= bindparam("since"))
-        if until:
-            stmt = stmt.where(Trace.created_at < bindparam("until"))
-        return _filtered(stmt, limit=limit, namespace=namespace, context_type=context_type)
 
     @cache  # noqa: B019
     def all_traces(self, *, since: bool, until: bool, limit: bool, namespace: bool, context_type: bool) -> Select[Any]:
         """Traces across sessions, newest first (not the hot path: uses the legacy traces indexes)."""
-        stmt = select(*_trace_columns(self.dialect_name)).order_by(Trace.created_at.desc(), Trace.id.desc())
-        if since:
-            stmt = stmt.where(Trace.created_at >= bindparam("since"))
-        if until:
-            stmt = stmt.where(Trace.created_at < bindparam("until"))
-        return _filtered(stmt, limit=limit, namespace=namespace, context_type=context_type)
+        flags = {"since": since, "until": until, "limit": limit, "namespace": namespace, "context_type": context_type}
+        return _time_ordered(select(*_trace_columns(self.dialect_name)), Trace.created_at, Trace.id, **flags)
+
+
+def _time_ordered(
+    stmt: Select[Any],
+    time: Any,
+    tie: Any,
+    *,
+    since: bool,
+    until: bool,
+    limit: bool,
+    namespace: bool,
+    context_type: bool,
+) -> Select[Any]:
+    """Newest first on `time` (ties: `tie` descending), bounded by since (inclusive) and until (exclusive)."""
+    stmt = stmt.order_by(time.desc(), tie.desc())
+    if since:
+        stmt = stmt.where(time >= bindparam("since"))
+    if until:
+        stmt = stmt.where(time < bindparam("until"))
+    return _filtered(stmt, limit=limit, namespace=namespace, context_type=context_type)
 
 
 def _filtered(stmt: Select[Any], *, limit: bool, namespace: bool, context_type: bool) -> Select[Any]:
