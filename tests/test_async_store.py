@@ -51,7 +51,10 @@ def test_same_signature_and_awaitable(name: str) -> None:
     async_method = getattr(AsyncTraceStore, name, None)
     assert async_method is not None, f"AsyncTraceStore.{name} is missing"
     assert comparable(inspect.signature(async_method)) == comparable(inspect.signature(sync_method))
-    assert inspect.iscoroutinefunction(async_method)
+    if inspect.isgeneratorfunction(sync_method):  # an iterator on one side, an async iterator on the other
+        assert inspect.isasyncgenfunction(async_method)
+    else:
+        assert inspect.iscoroutinefunction(async_method)
 
 
 def test_same_constructor() -> None:

@@ -10,13 +10,15 @@ from tracestore.errors import (
     TraceStoreError,
 )
 from tracestore.store import TraceStore
-from tracestore.types import TraceContext, new_trace_id
+from tracestore.types import Page, PageCursor, TraceContext, new_trace_id
 
 __all__ = [
     "AsyncTraceStore",
     "InvalidQueryError",
     "InvalidTraceError",
     "MigrationError",
+    "Page",
+    "PageCursor",
     "SchemaOutOfDateError",
     "StorageError",
     "TraceContext",

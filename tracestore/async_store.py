@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -24,11 +24,13 @@ from tracestore.rows import (
     check_trace_id,
     decode_row,
     decode_rows,
+    page_of,
+    prepare_page,
     prepare_query,
     storage_error,
 )
 from tracestore.store import _refuse_missing_file
-from tracestore.types import TraceContext
+from tracestore.types import Page, PageCursor, TraceContext
 
 plan_log = logging.getLogger("tracestore.plan")
 
@@ -139,6 +141,31 @@ class AsyncTraceStore:
         migrating = self._migrating and await self._still_migrating()
         stmt, params = prepare_query(self._sql, **args, migrating=migrating)
         return decode_rows(await self._fetch(stmt, params))
+
+    async def page_by_session_uid(
+        self, session_uid: str, since: float | None = None, limit: int = 100, cursor: PageCursor | None = None
+    ) -> Page:
+        """One page of the session's traces, newest first; pass `next_cursor` back for the next one."""
+        prepare_page(self._sql, session_uid=session_uid, since=since, limit=limit, cursor=cursor)  # bad input first
+        if not self._ready:
+            await self._open()
+        migrating = self._migrating and await self._still_migrating()
+        stmt, params = prepare_page(
+            self._sql, session_uid=session_uid, since=since, limit=limit, cursor=cursor, migrating=migrating
+        )
+        return page_of(decode_rows(await self._fetch(stmt, params)), limit)
+
+    async def iter_session(
+        self, session_uid: str, since: float | None = None, page_size: int = 1000
+    ) -> AsyncIterator[TraceContext]:
+        """Every trace of the session (created_at >= since), newest first, a page at a time: bounded memory."""
+        cursor: PageCursor | None = None
+        while True:
+            items, cursor = await self.page_by_session_uid(session_uid, since, page_size, cursor)
+            for item in items:
+                yield item
+            if cursor is None:
+                return
 
     async def explain(
         self, session_uid: str, since: float | None = None, limit: int | None = None, **filters: Any

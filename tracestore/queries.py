@@ -15,7 +15,19 @@ from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any, cast
 
-from sqlalchemy import ClauseElement, ColumnElement, Delete, Dialect, Select, Table, bindparam, delete, func, select
+from sqlalchemy import (
+    ClauseElement,
+    ColumnElement,
+    Delete,
+    Dialect,
+    Select,
+    Table,
+    bindparam,
+    delete,
+    func,
+    select,
+    tuple_,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -139,6 +151,28 @@ class Statements:
         stmt = self._session_join(aliased(TraceSession, name="ts"))
         flags = {"since": since, "until": until, "limit": limit, "namespace": namespace, "context_type": context_type}
         return _time_ordered(stmt, Trace.created_at, Trace.id, **flags)
+
+    @cache  # noqa: B019
+    def session_page(self, *, since: bool, after: bool, migrating: bool = False) -> Select[Any]:
+        """One page of a session, newest first: keyset pagination on the sort key (created_at, trace_id).
+
+        `after`: only traces strictly after the cursor in that order, as one row-value comparison the
+        planner turns into the start of the index range, so page 1000 reads what page 1 reads.
+        `migrating`: the same on traces.created_at, for a database whose backfill is unfinished.
+        """
+        link = aliased(TraceSession, name="ts")
+        stmt = self._session_join(link)
+        time: Any
+        tie: Any
+        if migrating:
+            time, tie = Trace.created_at, Trace.id
+        else:
+            time, tie = link.created_at, link.trace_id
+            stmt = stmt.where(link.created_at.is_not(None))
+        if after:
+            stmt = stmt.where(tuple_(time, tie) < tuple_(bindparam("after_created_at"), bindparam("after_trace_id")))
+        flags = {"since": since, "until": False, "limit": True, "namespace": False, "context_type": False}
+        return _time_ordered(stmt, time, tie, **flags)
 
     def _session_join(self, link: Any) -> Select[Any]:
         return (

@@ -11,7 +11,7 @@ from sqlalchemy import Select
 
 from tracestore.errors import InvalidQueryError, InvalidTraceError, StorageError
 from tracestore.queries import Statements, query_statement
-from tracestore.types import TraceContext, check_identifier
+from tracestore.types import Page, PageCursor, TraceContext, check_identifier
 
 _loads = orjson.loads
 
@@ -160,6 +160,38 @@ def prepare_query(
     }
     check_query_args(**args)
     return query_statement(statements, **args, migrating=migrating)
+
+
+def prepare_page(
+    statements: Statements,
+    *,
+    session_uid: str,
+    since: float | None,
+    limit: int,
+    cursor: PageCursor | None,
+    migrating: bool = False,
+) -> tuple[Select[Any], dict[str, Any]]:
+    """Validate page arguments, then pick the page statement and its parameters."""
+    check_query_string("session_uid", session_uid)
+    check_query_args(session_uid=session_uid, namespace=None, context_type=None, since=since, until=None, limit=limit)
+    if limit is None:
+        raise InvalidQueryError("a page needs a limit")
+    if cursor is not None and not isinstance(cursor, PageCursor):
+        raise InvalidQueryError(f"cursor must be a PageCursor (PageCursor.parse reads a token), got {cursor!r}")
+    params: dict[str, Any] = {"session_uid": session_uid, "limit": limit}
+    if since is not None:
+        params["since"] = since
+    if cursor is not None:
+        cursor.check()
+        params["after_created_at"], params["after_trace_id"] = float(cursor.created_at), cursor.trace_id
+    stmt = statements.session_page(since=since is not None, after=cursor is not None, migrating=migrating)
+    return stmt, params
+
+
+def page_of(items: list[TraceContext], limit: int) -> Page:
+    """The page and, when it is full, the cursor after its last trace."""
+    last = items[-1] if len(items) == limit else None
+    return Page(items, PageCursor(last.created_at, last.id) if last is not None else None)
 
 
 def storage_error(action: str, exc: Exception) -> StorageError:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -20,10 +20,12 @@ from tracestore.rows import (
     check_trace_id,
     decode_row,
     decode_rows,
+    page_of,
+    prepare_page,
     prepare_query,
     storage_error,
 )
-from tracestore.types import TraceContext
+from tracestore.types import Page, PageCursor, TraceContext
 
 plan_log = logging.getLogger("tracestore.plan")
 
@@ -129,6 +131,35 @@ class TraceStore:
             migrating=self._migrating and self._still_migrating(),
         )
         return decode_rows(self._fetch(stmt, params))
+
+    def page_by_session_uid(
+        self, session_uid: str, since: float | None = None, limit: int = 100, cursor: PageCursor | None = None
+    ) -> Page:
+        """One page of the session's traces, newest first; pass `next_cursor` back for the next one.
+
+        Keyset pagination on (created_at, id): every page costs one index range read of `limit`
+        entries, and traces stored between two calls are neither skipped nor repeated.
+        """
+        stmt, params = prepare_page(
+            self._sql,
+            session_uid=session_uid,
+            since=since,
+            limit=limit,
+            cursor=cursor,
+            migrating=self._migrating and self._still_migrating(),
+        )
+        return page_of(decode_rows(self._fetch(stmt, params)), limit)
+
+    def iter_session(
+        self, session_uid: str, since: float | None = None, page_size: int = 1000
+    ) -> Iterator[TraceContext]:
+        """Every trace of the session (created_at >= since), newest first, a page at a time: bounded memory."""
+        cursor: PageCursor | None = None
+        while True:
+            items, cursor = self.page_by_session_uid(session_uid, since, page_size, cursor)
+            yield from items
+            if cursor is None:
+                return
 
     def explain(
         self, session_uid: str, since: float | None = None, limit: int | None = None, **filters: Any

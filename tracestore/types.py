@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tracestore.errors import InvalidTraceError
+import orjson
+
+from tracestore.errors import InvalidQueryError, InvalidTraceError
 
 JSONValue = Any
 
@@ -106,3 +109,53 @@ class TraceContext:
         self.created_at = check_timestamp("created_at", self.created_at)
         self.updated_at = check_timestamp("updated_at", self.updated_at)
         self.session_uids = _normalize_sessions(self.session_uids)
+
+
+@dataclass(frozen=True, slots=True)
+class PageCursor:
+    """Where a page ended: the sort key (created_at, trace id) of its last trace.
+
+    The next page holds the traces strictly after it in the order newest first, ties by id descending,
+    so a page costs the same wherever it starts, and traces stored between two requests are neither
+    skipped nor repeated. `str(cursor)` is an opaque token for an HTTP API; `PageCursor.parse` reads it.
+    """
+
+    created_at: float
+    trace_id: str
+
+    def __str__(self) -> str:
+        return base64.urlsafe_b64encode(orjson.dumps([self.created_at, self.trace_id])).decode("ascii")
+
+    @classmethod
+    def parse(cls, token: str) -> PageCursor:
+        """The cursor a token stands for; InvalidQueryError if it is not one tracestore made."""
+        try:
+            created_at, trace_id = orjson.loads(base64.urlsafe_b64decode(token.encode("ascii")))
+        except (ValueError, TypeError, AttributeError, UnicodeEncodeError):
+            raise InvalidQueryError(f"not a page cursor: {token!r}") from None
+        cursor = cls(created_at, trace_id)
+        cursor.check()
+        return cursor
+
+    def check(self) -> None:
+        valid_time = (
+            not isinstance(self.created_at, bool)
+            and isinstance(self.created_at, int | float)
+            and math.isfinite(self.created_at)
+        )
+        if not valid_time or not isinstance(self.trace_id, str) or not self.trace_id:
+            raise InvalidQueryError(f"not a page cursor: {self!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a session's traces and the cursor of the next one (None: this was the last page).
+
+    Unpacks as `items, next_cursor = store.page_by_session_uid(...)`.
+    """
+
+    items: list[TraceContext]
+    next_cursor: PageCursor | None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.items, self.next_cursor))
