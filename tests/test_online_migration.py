@@ -115,6 +115,9 @@ def test_partial_backfill_answers_like_the_oracle(tmp_path: Path, caplog: pytest
         assert "session queries use the legacy join" in caplog.text
         assert not any("idx_trace_sessions_uid_time" in line for line in store.explain("s-a", since=T0))
         assert_answers_like_the_oracle(store, expected)
+        several = [t.id for t in store.get_by_session_uids(["s-a", "s-tie", "s-new"], T0 + 66, 25)]
+        matching = [t for t in expected if {"s-a", "s-tie", "s-new"} & set(t.session_uids) and t.created_at >= T0 + 66]
+        assert several == [t.id for t in sorted(matching, key=lambda t: (t.created_at, t.id), reverse=True)[:25]]
         for uid in SESSIONS:  # keyset pages too, across filled and unfilled links
             paged = [t.id for t in store.iter_session(uid, T0 + 10, page_size=7)]
             assert paged == [t.id for t in oracle_query(expected, session_uid=uid, since=T0 + 10)]

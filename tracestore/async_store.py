@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -27,6 +27,7 @@ from tracestore.rows import (
     page_of,
     prepare_page,
     prepare_query,
+    prepare_sessions_query,
     storage_error,
 )
 from tracestore.store import _refuse_missing_file
@@ -141,6 +142,20 @@ class AsyncTraceStore:
         migrating = self._migrating and await self._still_migrating()
         stmt, params = prepare_query(self._sql, **args, migrating=migrating)
         return decode_rows(await self._fetch(stmt, params))
+
+    async def get_by_session_uids(
+        self, session_uids: Sequence[str], since: float | None = None, limit: int | None = None
+    ) -> list[TraceContext]:
+        """Traces of any of the sessions with created_at >= since, newest first, each trace once."""
+        args: dict[str, Any] = {"session_uids": session_uids, "since": since, "limit": limit}
+        if prepare_sessions_query(self._sql, **args) is None:  # bad input fails before the database is opened
+            return []
+        if not self._ready:
+            await self._open()
+        migrating = self._migrating and await self._still_migrating()
+        prepared = prepare_sessions_query(self._sql, **args, migrating=migrating)
+        assert prepared is not None
+        return decode_rows(await self._fetch(*prepared))
 
     async def page_by_session_uid(
         self, session_uid: str, since: float | None = None, limit: int = 100, cursor: PageCursor | None = None

@@ -27,6 +27,7 @@ from sqlalchemy import (
     func,
     select,
     tuple_,
+    union,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import aliased
@@ -173,6 +174,46 @@ class Statements:
             stmt = stmt.where(tuple_(time, tie) < tuple_(bindparam("after_created_at"), bindparam("after_trace_id")))
         flags = {"since": since, "until": False, "limit": True, "namespace": False, "context_type": False}
         return _time_ordered(stmt, time, tie, **flags)
+
+    @cache  # noqa: B019
+    def sessions_traces(self, *, sessions: int, since: bool, limit: bool, migrating: bool = False) -> Select[Any]:
+        """Traces of any of `sessions` sessions (:session_uid_0, ...), newest first, each trace once.
+
+        One arm per session walks that session's part of the composite index and stops after `limit`
+        entries; UNION keeps each (created_at, trace_id) once, and only those candidates (at most
+        sessions x limit) are sorted again. Never a sort of every row of every session.
+        `migrating`: the legacy join on traces.created_at, for a database whose backfill is unfinished.
+        """
+        uids: list[Any] = [bindparam(f"session_uid_{i}") for i in range(sessions)]
+        if migrating:
+            link = aliased(TraceSession, name="ts")
+            stmt = select(*_trace_columns(self.dialect_name)).where(
+                Trace.id.in_(select(link.trace_id).where(link.session_uid.in_(uids)))
+            )
+            flags = {"since": since, "until": False, "limit": limit, "namespace": False, "context_type": False}
+            return _time_ordered(stmt, Trace.created_at, Trace.id, **flags)
+        arms = []
+        for uid in uids:
+            link = aliased(TraceSession, name="ts")
+            arm = (
+                select(link.created_at, link.trace_id)
+                .where(link.session_uid == uid, link.created_at.is_not(None))
+                .order_by(link.created_at.desc(), link.trace_id.desc())
+            )
+            if since:
+                arm = arm.where(link.created_at >= bindparam("since"))
+            if limit:
+                arm = arm.limit(bindparam("limit"))
+            ranked = arm.subquery()
+            arms.append(select(ranked.c.created_at, ranked.c.trace_id))
+        keys = union(*arms).subquery("k") if len(arms) > 1 else arms[0].subquery("k")
+        stmt = (
+            select(*_trace_columns(self.dialect_name))
+            .select_from(keys)
+            .join(Trace, Trace.id == keys.c.trace_id)
+            .order_by(keys.c.created_at.desc(), keys.c.trace_id.desc())
+        )
+        return stmt.limit(bindparam("limit")) if limit else stmt
 
     def _session_join(self, link: Any) -> Select[Any]:
         return (

@@ -188,6 +188,38 @@ def prepare_page(
     return stmt, params
 
 
+# SQLite's default limit on the arms of one compound SELECT (SQLITE_MAX_COMPOUND_SELECT).
+MAX_SESSIONS = 500
+
+
+def prepare_sessions_query(
+    statements: Statements,
+    *,
+    session_uids: Sequence[str],
+    since: float | None,
+    limit: int | None,
+    migrating: bool = False,
+) -> tuple[Select[Any], dict[str, Any]] | None:
+    """Validate a several-sessions query, then pick its statement; None when no session is asked for."""
+    if isinstance(session_uids, str) or not isinstance(session_uids, Sequence | set | frozenset):
+        raise InvalidQueryError(f"session_uids must be a list of session ids, got {session_uids!r}")
+    uids = list(dict.fromkeys(check_query_string("session_uid", uid) for uid in session_uids))
+    check_query_args(session_uid=None, namespace=None, context_type=None, since=since, until=None, limit=limit)
+    if len(uids) > MAX_SESSIONS:
+        raise InvalidQueryError(f"at most {MAX_SESSIONS} sessions per query, got {len(uids)}")
+    if not uids:
+        return None
+    params: dict[str, Any] = {f"session_uid_{i}": uid for i, uid in enumerate(uids)}
+    if since is not None:
+        params["since"] = since
+    if limit is not None:
+        params["limit"] = limit
+    stmt = statements.sessions_traces(
+        sessions=len(uids), since=since is not None, limit=limit is not None, migrating=migrating
+    )
+    return stmt, params
+
+
 def page_of(items: list[TraceContext], limit: int) -> Page:
     """The page and, when it is full, the cursor after its last trace."""
     last = items[-1] if len(items) == limit else None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -23,6 +23,7 @@ from tracestore.rows import (
     page_of,
     prepare_page,
     prepare_query,
+    prepare_sessions_query,
     storage_error,
 )
 from tracestore.types import Page, PageCursor, TraceContext
@@ -131,6 +132,23 @@ class TraceStore:
             migrating=self._migrating and self._still_migrating(),
         )
         return decode_rows(self._fetch(stmt, params))
+
+    def get_by_session_uids(
+        self, session_uids: Sequence[str], since: float | None = None, limit: int | None = None
+    ) -> list[TraceContext]:
+        """Traces of any of the sessions with created_at >= since, newest first, each trace once.
+
+        Each session is read through the composite index (at most `limit` entries each) and the
+        candidates merged: the cost grows with sessions x limit, not with the sessions' sizes.
+        """
+        prepared = prepare_sessions_query(
+            self._sql,
+            session_uids=session_uids,
+            since=since,
+            limit=limit,
+            migrating=self._migrating and self._still_migrating(),
+        )
+        return decode_rows(self._fetch(*prepared)) if prepared is not None else []
 
     def page_by_session_uid(
         self, session_uid: str, since: float | None = None, limit: int = 100, cursor: PageCursor | None = None
