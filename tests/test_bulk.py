@@ -11,9 +11,11 @@ import orjson
 import pytest
 
 from tests.legacy import create_legacy_db
+from tests.oracle import oracle_query
 from tracestore import TraceStore
 from tracestore.migrate import upgrade
-from tracestore.testing.bulk import GenerateReport, generate_legacy
+from tracestore.testing.bulk import GenerateReport, generate
+from tracestore.verify import verify
 
 NOW = 1_750_000_000.0
 
@@ -21,7 +23,7 @@ NOW = 1_750_000_000.0
 def _generate(path: Path, **overrides: object) -> GenerateReport:
     options: dict[str, object] = {"traces": 5_000, "seed": 7, "now": NOW, "recent_burst": 200}
     options.update(overrides)
-    return generate_legacy(path, **options)  # type: ignore[arg-type]
+    return generate(path, **options)  # type: ignore[arg-type]
 
 
 def _dump(path: Path) -> tuple[list[Any], list[Any]]:
@@ -148,3 +150,39 @@ def test_a_failed_generation_leaves_no_file(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         _generate(path, progress=interrupt)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- at head -------------------------------------------------------------------------------------------
+def test_head_file_is_the_migrated_legacy_file(tmp_path: Path) -> None:
+    """schema="head" gives the same schema objects and the same rows (links with their created_at) as
+    generating the legacy file and running the migrations over it: the fast path for what the slow one makes."""
+    _generate(tmp_path / "head.db", schema="head")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head.db"]  # no lock, journal or partial file beside it
+    _generate(tmp_path / "legacy.db")
+    upgrade(f"sqlite:///{tmp_path / 'legacy.db'}")
+    assert [row[:2] for row in _schema(tmp_path / "head.db") if row[0] != "table" or row[1] != "sqlite_stat1"] == [
+        row[:2] for row in _schema(tmp_path / "legacy.db") if row[0] != "table" or row[1] != "sqlite_stat1"
+    ]
+    assert _dump(tmp_path / "head.db") == _dump(tmp_path / "legacy.db")
+    assert verify(f"sqlite:///{tmp_path / 'head.db'}").ok
+
+
+def test_head_is_deterministic_and_answers_like_the_oracle(tmp_path: Path) -> None:
+    report = _generate(tmp_path / "a.db", schema="head")
+    _generate(tmp_path / "b.db", schema="head")
+    assert _dump(tmp_path / "a.db") == _dump(tmp_path / "b.db")
+    with TraceStore(f"sqlite:///{tmp_path / 'a.db'}", auto_upgrade=False) as store:
+        traces = store.query()
+        for uid, since in [(report.hot_session_uid, NOW - 600), (report.hot_session_uid, None)]:
+            expected = [t.id for t in oracle_query(traces, session_uid=uid, since=since, limit=100)]
+            assert [t.id for t in store.get_by_session_uid(uid, since, 100)] == expected
+    recent = [t for t in traces if report.hot_session_uid in t.session_uids and t.created_at >= NOW - 600]
+    assert len(recent) == report.burst_traces == 200
+
+
+def test_head_refuses_orphans_and_unknown_schemas(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="orphan links exist only in legacy files"):
+        _generate(tmp_path / "x.db", schema="head", orphans=1)
+    with pytest.raises(ValueError, match="schema must be one of"):
+        _generate(tmp_path / "x.db", schema="v2")
+    assert not list(tmp_path.iterdir())

@@ -382,3 +382,27 @@ def test_finalize_is_refused_below_head(tmp_path: Path) -> None:
     result = run("finalize", "--url", f"sqlite:///{path}")
     assert result.exit_code != 0
     assert "finalize after `tracestore upgrade` has reached head" in result.output
+
+
+def test_generate_writes_a_head_file_the_store_uses(tmp_path: Path) -> None:
+    path = tmp_path / "gen.db"
+    result = run("generate", str(path), "--traces", "3k", "--recent-burst", "50", "--seed", "3")
+    assert result.exit_code == 0, result.output
+    assert "Wrote 3,000 traces" in result.stdout and "schema head" in result.stdout
+    with TraceStore(f"sqlite:///{path}", auto_upgrade=False) as store:
+        assert len(store.get_by_session_uid("hot", since=time.time() - 600)) == 50
+    assert run("--url", f"sqlite:///{path}", "verify").exit_code == 0
+
+
+def test_generate_refuses_and_leaves_the_old_file_alone(tmp_path: Path) -> None:
+    path = tmp_path / "gen.db"
+    assert run("generate", str(path), "--traces", "1k", "--schema", "legacy").exit_code == 0
+    before = path.read_bytes()
+    assert run("generate", str(path), "--traces", "1k").exit_code != 0  # exists, no --force
+    refused = run("generate", str(path), "--traces", "1k", "--orphans", "2", "--force")  # orphans need legacy
+    assert refused.exit_code != 0 and "orphan links exist only in legacy files" in refused.output
+    assert run("generate", str(path), "--traces", "ten").exit_code != 0
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.db"]
+    assert run("generate", str(path), "--traces", "1k", "--force").exit_code == 0
+    assert path.read_bytes() != before

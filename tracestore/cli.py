@@ -43,6 +43,8 @@ from tracestore.backfill import DEFAULT_BATCH_SIZE
 from tracestore.engine import sync_url
 from tracestore.errors import InvalidQueryError, InvalidTraceError, RevisionError, TraceStoreError
 from tracestore.store import DEFAULT_URL, TraceStore
+from tracestore.testing.bulk import SCHEMAS
+from tracestore.testing.bulk import generate as bulk_generate
 from tracestore.types import TraceContext
 from tracestore.verify import verify
 
@@ -361,6 +363,99 @@ def finalize(settings: Settings, command_url: str | None) -> None:
         out.print(f"Finalized {escape(shown(url))}: dropped {', '.join(dropped)}")
     else:
         out.print(f"{escape(shown(url))} is already finalized: no rolling-deploy triggers")
+
+
+class Count(click.ParamType[int]):
+    """A count with an optional k/m suffix: 20000, 100k, 1.5m."""
+
+    name = "count"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)([km]?)", str(value).strip().lower())
+        if not match:
+            self.fail(f"{value!r} is not a count like 20000, 100k or 10m", param, ctx)
+        return int(float(match[1]) * {"": 1, "k": 1_000, "m": 1_000_000}[match[2]])
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--traces", "n_traces", type=Count(), required=True, help="How many traces: 20000, 100k, 10m.")
+@click.option(
+    "--schema",
+    type=click.Choice(SCHEMAS),
+    default="head",
+    show_default=True,
+    help="head: a file tracestore uses as is; legacy: what the pre-Alembic implementation wrote, for "
+    "trying `tracestore upgrade`.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same rows.")
+@click.option("--payload-bytes", type=click.IntRange(min=0), default=300, show_default=True)
+@click.option(
+    "--hot-share",
+    type=click.FloatRange(0, 1),
+    default=0.1,
+    show_default=True,
+    help="Share of traces in the hot session.",
+)
+@click.option(
+    "--recent-burst",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    help="Hot-session traces in the last 10 minutes.",
+)
+@click.option("--orphans", type=click.IntRange(min=0), default=0, help="Legacy only: links whose trace does not exist.")
+@click.option("--force", is_flag=True, help="Replace PATH if it exists.")
+@click.pass_obj
+def generate(
+    settings: Settings,
+    path: Path,
+    n_traces: int,
+    schema: str,
+    seed: int,
+    payload_bytes: int,
+    hot_share: float,
+    recent_burst: int,
+    orphans: int,
+    force: bool,
+) -> None:
+    """Write a SQLite file of synthetic traces at PATH, fast (millions of rows; not through the store).
+
+    Realistic shape: Zipf-sized sessions, one hot session ("hot") with a burst in the last 10 minutes,
+    20% of traces in two sessions, 30 days of history. Deterministic for a seed (and the same clock).
+    """
+    if path.exists() and not force:
+        raise click.ClickException(f"{path} exists; pass --force to replace it")
+    # Written beside PATH and moved over it at the end: a refused or failed run leaves PATH as it was.
+    fresh = path.with_name(path.name + ".new")
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{fresh}{suffix}").unlink(missing_ok=True)
+    try:
+        with ProgressBar(f"generating {schema} traces", settings.err) as progress:
+            report = bulk_generate(
+                fresh,
+                traces=n_traces,
+                schema=schema,
+                seed=seed,
+                payload_bytes=payload_bytes,
+                hot_session_share=hot_share,
+                recent_burst=recent_burst,
+                orphans=orphans,
+                progress=progress,
+            )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    for suffix in ("-wal", "-shm", "-journal"):  # the old file's, which would not match the new one
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    fresh.replace(path)
+    stdout().print(
+        f"Wrote {report.traces:,} traces ({report.links:,} links, {report.sessions:,} sessions; hot session "
+        f"{report.hot_session_uid!r}: {report.hot_traces:,} traces, {report.burst_traces:,} in the last "
+        f"{report.recent_window_s:.0f} s) to {escape(str(path))} in {report.seconds:.1f} s "
+        f"({report.file_bytes / 1e6:,.1f} MB, schema {schema})"
+    )
 
 
 @main.command("verify")

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -67,6 +68,8 @@ NAMESPACE_WEIGHTS = (60, 12, 10, 8, 4, 3, 2, 1)
 
 _INSERT_TRACE = "INSERT INTO traces VALUES (?, ?, ?, ?, ?, ?, ?)"
 _INSERT_LINK = "INSERT INTO trace_sessions (trace_id, session_uid) VALUES (?, ?)"
+_INSERT_LINK_HEAD = "INSERT INTO trace_sessions (trace_id, session_uid, created_at) VALUES (?, ?, ?)"
+SCHEMAS = ("legacy", "head")
 
 # Speed over safety while the file is being built: a crash leaves only the temporary file behind.
 _LOAD_PRAGMAS = (
@@ -103,10 +106,11 @@ class GenerateReport:
     file_bytes: int
 
 
-def generate_legacy(
+def generate(
     path: str | os.PathLike[str],
     *,
     traces: int,
+    schema: str = "legacy",
     seed: int = 0,
     hot_session_share: float = 0.1,
     hot_session_uid: str = "hot",
@@ -119,7 +123,11 @@ def generate_legacy(
     orphans: int = 0,
     progress: Progress | None = None,
 ) -> GenerateReport:
-    """Write a legacy-schema database of `traces` synthetic traces to `path` (which must not exist).
+    """Write a database of `traces` synthetic traces to `path` (which must not exist).
+
+    `schema`: "legacy" (what the pre-Alembic implementation wrote: the file `alembic upgrade head` is
+    meant for) or "head" (what tracestore writes: stamped at the head revision, links with their
+    created_at, ready for the store).
 
     `recent_burst` is capped at the hot session's size. `orphans` adds junction rows whose trace
     does not exist (the legacy implementation ran with foreign keys off). With `now=None` the clock
@@ -129,6 +137,10 @@ def generate_legacy(
     window = float(recent_window_s)
     if traces < 0 or orphans < 0 or recent_burst < 0:
         raise ValueError("traces, orphans and recent_burst must be >= 0")
+    if schema not in SCHEMAS:
+        raise ValueError(f"schema must be one of {SCHEMAS}, got {schema!r}")
+    if orphans and schema == "head":
+        raise ValueError("orphan links exist only in legacy files (tracestore writes with foreign keys on)")
     for name, share in (("hot_session_share", hot_session_share), ("two_session_share", two_session_share)):
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"{name} must be within [0, 1], got {share}")
@@ -140,7 +152,7 @@ def generate_legacy(
         raise ValueError("at most 2**32 - 1 traces and orphans: the id's sequence field has 32 bits")
     target = Path(path)
     if target.exists():
-        raise FileExistsError(f"{target} exists; generate_legacy never overwrites a database")
+        raise FileExistsError(f"{target} exists; the generator never overwrites a database")
 
     started = time.perf_counter()
     now = time.time() if now is None else float(now)
@@ -155,7 +167,11 @@ def generate_legacy(
     partial = target.with_name(target.name + ".partial")
     partial.unlink(missing_ok=True)
     try:
-        links, orphan_links, sessions = _load(partial, rows, traces=traces, orphans=orphans, progress=progress)
+        if schema == "head":
+            _create_head_schema(partial)
+        links, orphan_links, sessions = _load(
+            partial, rows, traces=traces, orphans=orphans, progress=progress, head=schema == "head"
+        )
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -178,30 +194,71 @@ def generate_legacy(
     )
 
 
-def _load(path: Path, rows: _Rows, *, traces: int, orphans: int, progress: Progress | None) -> tuple[int, int, int]:
+def generate_legacy(path: str | os.PathLike[str], **options: Any) -> GenerateReport:
+    """generate(path, schema="legacy", ...): the file the migrations are for."""
+    return generate(path, schema="legacy", **options)
+
+
+def _create_head_schema(path: Path) -> None:
+    """An empty database at head, made by the real migrations (tables, indexes, triggers, revision)."""
+    from tracestore.migrate import upgrade  # the migrations import SQLAlchemy; the legacy path does not need it
+
+    upgrade(f"sqlite:///{path}")
+    Path(f"{path}-migration.lock").unlink(missing_ok=True)  # nobody else knows this file yet
+
+
+def _load(
+    path: Path, rows: _Rows, *, traces: int, orphans: int, progress: Progress | None, head: bool = False
+) -> tuple[int, int, int]:
     """Create the tables, insert every row in one transaction, then build the indexes.
+
+    At head the tables exist already (the migrations made them): their indexes and triggers are
+    set aside during the load and created again from their own SQL after it, so every index is one
+    sorted build and no trigger fires per row.
 
     Returns (junction rows of real traces, orphan junction rows, distinct session uids).
     """
     links = 0
     connection = sqlite3.connect(path, isolation_level=None)
     try:
+        if head:
+            connection.execute("PRAGMA journal_mode=DELETE")  # out of WAL, so journal_mode=OFF applies
         for pragma in _LOAD_PRAGMAS:
             connection.execute(f"PRAGMA {pragma}")
-        connection.executescript(LEGACY_TABLES_DDL)
+        if head:
+            deferred = connection.execute(
+                "SELECT type, name, sql FROM sqlite_master WHERE type IN ('index', 'trigger') AND sql IS NOT NULL"
+                " AND tbl_name IN ('traces', 'trace_sessions') ORDER BY type, name"
+            ).fetchall()
+            for kind, name, _ in deferred:
+                connection.execute(f'DROP {kind.upper()} "{name}"')
+            insert_link = _INSERT_LINK_HEAD
+        else:
+            connection.executescript(LEGACY_TABLES_DDL)
+            insert_link = _INSERT_LINK
         connection.execute("BEGIN")
         for start in range(0, traces, CHUNK_ROWS):
             stop = min(start + CHUNK_ROWS, traces)
             trace_rows, link_rows = rows.chunk(start, stop)
             connection.executemany(_INSERT_TRACE, trace_rows)
-            connection.executemany(_INSERT_LINK, link_rows)
+            if head:
+                created = {row[0]: row[5] for row in trace_rows}
+                connection.executemany(insert_link, [(trace_id, uid, created[trace_id]) for trace_id, uid in link_rows])
+            else:
+                connection.executemany(insert_link, link_rows)
             links += len(link_rows)
             if progress is not None:
                 progress(stop, traces)
         orphan_rows = rows.orphan_links(orphans)
         connection.executemany(_INSERT_LINK, orphan_rows)
         connection.execute("COMMIT")
-        connection.executescript(LEGACY_INDEXES_DDL)
+        if head:
+            for _, _, sql in deferred:
+                connection.execute(sql)
+            for statement in ("PRAGMA analysis_limit=1000", "ANALYZE", "PRAGMA journal_mode=WAL"):
+                connection.execute(statement)
+        else:
+            connection.executescript(LEGACY_INDEXES_DDL)
         (sessions,) = connection.execute("SELECT count(DISTINCT session_uid) FROM trace_sessions").fetchone()
     finally:
         connection.close()
