@@ -505,6 +505,41 @@ class Bench:
             _ratio(f"async store / raw, latest {LATEST}", latest["async"], latest["raw"], 3.0),
         ]
 
+    # 3g. keyset pages deep in the hot session, and several sessions at once
+    def pages(self, migrated: Path, data: GenerateReport) -> None:
+        runs, size = self.args.runs, LATEST
+        with TraceStore(f"sqlite:///{migrated}", auto_upgrade=False) as store:
+            deep = min(1000, max(2, data.hot_traces // size))  # page 1000, or the last full page of a small file
+            cursor = None
+            for _ in range(deep - 1):
+                _, cursor = store.page_by_session_uid(HOT_UID, limit=size, cursor=cursor)
+            first = functools.partial(store.page_by_session_uid, HOT_UID, limit=size)
+            later = functools.partial(store.page_by_session_uid, HOT_UID, limit=size, cursor=cursor)
+            expected = store.get_by_session_uid(HOT_UID, limit=deep * size)[(deep - 1) * size :]
+            self.same(f"page {deep} vs the same rows by limit", later().items, expected)
+            with store.engine.connect() as connection:
+                others = list(
+                    connection.exec_driver_sql(
+                        "SELECT DISTINCT session_uid FROM trace_sessions WHERE session_uid != ? LIMIT 9", (HOT_UID,)
+                    ).scalars()
+                )
+            several = functools.partial(store.get_by_session_uids, [HOT_UID, *others], limit=size)
+            self.log(f"keyset page 1 vs page {deep}, and {len(others) + 1} sessions at once, {runs} rounds")
+            timings = interleaved(
+                {"first": first, "later": later, "several": several, "one": first}, runs=runs, warmup=5
+            )
+        self.out["timings"]["pages"] = timings
+        self.lines += [
+            _ratio(
+                f"keyset page {deep} / page 1 (hot session, {size} per page)", timings["later"], timings["first"], 1.2
+            ),
+            _ratio(
+                f"{len(others) + 1} sessions at once / the hot one alone, latest {size}",
+                timings["several"],
+                timings["one"],
+            ),
+        ]
+
     # 3d. sizes
     def sizes(self, legacy: Path, migrated: Path) -> None:
         self.log("file sizes (dbstat, VACUUM INTO)")
@@ -688,6 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     migrated = bench.migrated_copy(legacy)
     bench.sync_queries(legacy, migrated, data)
     bench.async_queries(migrated, data)
+    bench.pages(migrated, data)
     bench.sizes(legacy, migrated)
     bench.writes(legacy, migrated, data)
     if not args.keep:

@@ -24,7 +24,7 @@ def test_bench_query_runs_and_prints_the_ratio_table(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
 
     assert result.returncode == 0, result.stderr
-    for label in ("sync store / raw", "async store / raw", "legacy / new", "file size", "write rows/s"):
+    for label in ("sync store / raw", "async store / raw", "legacy / new", "file size", "write rows/s", "keyset page"):
         assert label in result.stdout
     assert "EXPLAIN QUERY PLAN" in result.stdout
     assert "idx_trace_sessions_uid_time" in result.stdout
