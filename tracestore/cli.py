@@ -365,7 +365,7 @@ def finalize(settings: Settings, command_url: str | None) -> None:
         out.print(f"{escape(shown(url))} is already finalized: no rolling-deploy triggers")
 
 
-class Count(click.ParamType[int]):
+class Count(click.ParamType):  # type: ignore[type-arg,unused-ignore]  # generic from click 8.4
     """A count with an optional k/m suffix: 20000, 100k, 1.5m."""
 
     name = "count"
