@@ -50,6 +50,7 @@ from bench_query import (
     WINDOW_S,
     checkpoint,
     copy_db,
+    finish,
     git_revision,
     parse_scale,
     remove_db,
@@ -714,15 +715,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             remove_db(legacy)
             legacy.with_suffix(".json").unlink(missing_ok=True)
 
-    print(render(bench, data))
-    bench.out["lines"] = [asdict(line) for line in bench.lines]
-    bench.out["problems"] = bench.problems
-    if args.json:
-        args.json.write_text(json.dumps(bench.out, indent=2, default=str))
-    if bench.problems:
-        print("\nTHE MIGRATED FILE IS WRONG:\n  " + "\n  ".join(bench.problems), file=sys.stderr)
-        return 2
-    return 0
+    return finish(bench, render(bench, data), args.json, wrong="THE MIGRATED FILE IS WRONG")
 
 
 if __name__ == "__main__":

@@ -731,13 +731,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         remove_db(legacy)
         legacy.with_suffix(".json").unlink(missing_ok=True)
 
-    print(render(bench, data))
+    return finish(bench, render(bench, data), args.json, wrong="WRONG RESULTS, timings are void")
+
+
+def finish(bench: Any, table: str, json_path: Path | None, *, wrong: str) -> int:
+    """Print the table, write the JSON (lines, problems and all), and say whether the results are void.
+
+    Shared by both benchmarks: `bench` has `out`, `lines` and `problems`.
+    """
+    print(table)
     bench.out["lines"] = [asdict(line) for line in bench.lines]
     bench.out["problems"] = bench.problems
-    if args.json:
-        args.json.write_text(json.dumps(bench.out, indent=2, default=_jsonable))
+    if json_path:
+        json_path.write_text(json.dumps(bench.out, indent=2, default=_jsonable))
     if bench.problems:
-        print("\nWRONG RESULTS, timings are void:\n  " + "\n  ".join(bench.problems), file=sys.stderr)
+        print(f"\n{wrong}:\n  " + "\n  ".join(bench.problems), file=sys.stderr)
         return 2
     return 0
 
