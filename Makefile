@@ -27,8 +27,8 @@ lint: venv  ## ruff and mypy
 	$(BIN)/ruff check tracestore migrations tests benchmarks
 	$(BIN)/mypy
 
-bench: venv  ## benchmarks on a legacy-shaped file (SCALE=1m by default; e.g. SCALE=100k)
-	$(BIN)/python benchmarks/bench_query.py --scale $(SCALE)
+bench: venv  ## the benchmark suite: JSON, table and plots into benchmarks/results/$(SCALE)/ (SCALE=1m; 10m ~ 45 min)
+	$(BIN)/python benchmarks/suite.py --scale $(SCALE)
 
 bench-migration: venv  ## upgrade a legacy file under a live writer, then a kill -9 / rerun (SCALE=1m; 10m ~ 15 min)
 	$(BIN)/python benchmarks/bench_migration.py --scale $(SCALE)

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench_query import (
+from common import (
     DEFAULT_WORKDIR,
     HOT_UID,
     NOW,

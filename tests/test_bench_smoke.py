@@ -1,4 +1,4 @@
-"""The benchmark script runs end to end at a tiny scale (a smoke test: nothing here is timed)."""
+"""The benchmark suite runs end to end at a tiny scale (a smoke test: nothing here is timed)."""
 
 from __future__ import annotations
 
@@ -7,33 +7,54 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_query.py"
+SUITE = Path(__file__).resolve().parent.parent / "benchmarks" / "suite.py"
 
 
-def test_bench_query_runs_and_prints_the_ratio_table(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
+def test_bench_suite_writes_the_table_json_markdown_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "results"
     command = [
         sys.executable,
-        str(BENCH),
+        str(SUITE),
         "--scale", "5k",
         "--runs", "3",
-        "--write-traces", "2000",
+        "--write-traces", "1000",
+        "--load-seconds", "0.3",
         "--workdir", str(tmp_path / "scratch"),
-        "--json", str(out),
+        "--out", str(out),
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
 
     assert result.returncode == 0, result.stderr
-    for label in ("sync store / raw", "async store / raw", "legacy / new", "file size", "write rows/s", "keyset page"):
+    for label in (
+        "sync store / raw",
+        "async store / raw",
+        "legacy / new",
+        "keyset page",
+        "cold cache: store, 10-min window",
+        "file size",
+        "write rows/s, store_batch / legacy INSERTs",
+        "reader threads + 1 writer",
+        "reader tasks + 1 writer",
+    ):
         assert label in result.stdout
-    assert "EXPLAIN QUERY PLAN" in result.stdout
     assert "idx_trace_sessions_uid_time" in result.stdout
-    report = json.loads(out.read_text())
+
+    report = json.loads((out / "results.json").read_text())
     assert report["problems"] == []
     assert report["rows"] == {"window": report["data"]["burst_traces"], "latest": 100}
-    assert {line["label"] for line in report["lines"] if line["target"]} >= {
-        "sync store / raw, latest 100",
-        "async store / raw, latest 100",
-    }
-    # Without --keep the scratch databases are removed.
+    assert report["machine"]["cores"] >= 1 and report["machine"]["sqlite"]
+    assert [p["x"] for p in report["curves"]["limit"]] == [1, 10, 100, 1000, 10000]
+    assert [p["rows"] for p in report["curves"]["limit"]][:3] == [1, 10, 100]
+    assert report["cold"]["timings"]["store window"]["runs"] >= 3
+    assert all(run["with_writer"]["reads"] > 0 and run["writer"]["rows"] > 0 for run in report["concurrency"]["runs"])
+    size_run = json.loads((out / report["size_files"][0]).read_text())
+    assert size_run["data"]["traces"] < report["data"]["traces"] and size_run["problems"] == []
+
+    page = (out / "results.md").read_text()
+    assert "| sync store / raw, latest 100 |" in page and "## Latency against database size" in page
+    for image in ("latency_vs_size_window", "latency_vs_size_latest", "latency_vs_window", "latency_vs_limit"):
+        assert (out / f"{image}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({image}.png)" in page
+    assert (out / "results.txt").read_text().startswith("tracestore bench")
+    # The scratch databases are removed.
     assert not list((tmp_path / "scratch").glob("*.db"))

@@ -1,0 +1,213 @@
+"""Turns a results directory's JSON into results.md and the PNG plots (rerun it alone to redraw them).
+
+python benchmarks/report.py benchmarks/results/10m
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+from common import Line, markdown_table, scale_name
+from matplotlib.ticker import FuncFormatter
+
+SIZE_TARGET = 1.2  # issue 4: latency at 10M / latency at 1M
+
+
+def size_points(out: Path, results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per database size: the median ms of store, raw floor and legacy query, window and latest-100."""
+    runs = [json.loads((out / name).read_text()) for name in results.get("size_files", [])] + [results]
+    points = []
+    for run in sorted(runs, key=lambda r: r["data"]["traces"]):
+        timings = run["timings"]
+        points.append(
+            {
+                "traces": run["data"]["traces"],
+                "hot_traces": run["data"]["hot_traces"],
+                "window_rows": run["rows"]["window"],
+                "store window": timings["sync window"]["store"]["median_ms"],
+                "raw window": timings["sync window"]["raw"]["median_ms"],
+                "legacy window": timings["legacy window"]["legacy"]["median_ms"],
+                "store latest": timings["sync latest"]["store"]["median_ms"],
+                "raw latest": timings["sync latest"]["raw"]["median_ms"],
+                "legacy latest": timings["legacy latest"]["legacy"]["median_ms"],
+                "problems": run["problems"],
+            }
+        )
+    return points
+
+
+def size_lines(points: list[dict[str, Any]]) -> list[Line]:
+    """The size target: the largest file's store latency over the next smaller one's."""
+    if len(points) < 2:
+        return []
+    big, small = points[-1], points[-2]
+    label = f"{scale_name(big['traces'])} / {scale_name(small['traces'])}"
+    lines = []
+    for question in ("window", "latest"):
+        ratio = big[f"store {question}"] / small[f"store {question}"]
+        name = "10-min window" if question == "window" else "latest 100"
+        line = Line(
+            f"store latency at {label} traces, {name}",
+            f"{big[f'store {question}']:.3f} ms",
+            f"{small[f'store {question}']:.3f} ms",
+            ratio,
+            f"<= {SIZE_TARGET:g}x",
+            ratio <= SIZE_TARGET,
+        )
+        if question == "window" and big["window_rows"] != small["window_rows"]:  # not the same question
+            line.target, line.ok = f"{line.target} (n/a: {small['window_rows']} vs {big['window_rows']} rows)", None
+        lines.append(line)
+    return lines
+
+
+def _plot(
+    path: Path, title: str, xlabel: str, series: dict[str, tuple[list[float], list[float]]], *, logx: bool
+) -> None:
+    styles = {"store": "o-", "raw floor": "s--", "legacy query": "^:"}
+    figure, axes = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for name, (xs, ys) in series.items():
+        axes.plot(xs, ys, styles.get(name, "o-"), label=name)
+    axes.set_yscale("log")
+    if logx:
+        axes.set_xscale("log")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("median latency (ms, log scale)")
+    axes.set_title(title, fontsize=10)
+    axes.grid(True, which="major", alpha=0.3)
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def plots(out: Path, results: dict[str, Any], points: list[dict[str, Any]]) -> list[Path]:
+    written = []
+    sizes = [p["traces"] for p in points]
+    for question, name in (("window", "10-minute window"), ("latest", "latest 100")):
+        path = out / f"latency_vs_size_{question}.png"
+        _plot(
+            path,
+            f"Hot session (10% of traces), {name}: latency against database size",
+            "traces in the database",
+            {
+                "store": (sizes, [p[f"store {question}"] for p in points]),
+                "raw floor": (sizes, [p[f"raw {question}"] for p in points]),
+                "legacy query": (sizes, [p[f"legacy {question}"] for p in points]),
+            },
+            logx=True,
+        )
+        written.append(path)
+    traces = scale_name(results["data"]["traces"])
+    for axis, xlabel in (("window", "window length (s)"), ("limit", "limit (newest N traces)")):
+        curve = results.get("curves", {}).get(axis)
+        if not curve:
+            continue
+        xs = [p["x"] for p in curve]
+        path = out / f"latency_vs_{axis}.png"
+        _plot(
+            path,
+            f"{traces} traces, hot session: latency against the {axis}",
+            xlabel,
+            {
+                "store": (xs, [p["store_ms"] for p in curve]),
+                "raw floor": (xs, [p["raw_ms"] for p in curve]),
+                "legacy query": (xs, [p["legacy_ms"] for p in curve]),
+            },
+            logx=True,
+        )
+        written.append(path)
+    return written
+
+
+def _curve_table(curve: list[dict[str, Any]], axis: str) -> str:
+    head = (
+        f"| {axis} | rows | store ms | raw floor ms | store / raw | legacy ms | legacy / store |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    rows = [
+        f"| {p['x']:g} | {p['rows']:,} | {p['store_ms']:.3f} | {p['raw_ms']:.3f} | {p['store_ms'] / p['raw_ms']:.2f}x"
+        f" | {p['legacy_ms']:.1f} | {p['legacy_ms'] / p['store_ms']:,.0f}x |"
+        for p in curve
+    ]
+    return "\n".join([head, *rows])
+
+
+def _size_table(points: list[dict[str, Any]]) -> str:
+    head = (
+        "| traces | hot session | window rows | store window ms | raw ms | legacy ms | store latest-100 ms | raw ms |"
+        " legacy ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
+    rows = [
+        f"| {p['traces']:,} | {p['hot_traces']:,} | {p['window_rows']:,} | {p['store window']:.3f}"
+        f" | {p['raw window']:.3f} | {p['legacy window']:.1f} | {p['store latest']:.3f} | {p['raw latest']:.3f}"
+        f" | {p['legacy latest']:.1f} |"
+        for p in points
+    ]
+    return "\n".join([head, *rows])
+
+
+def markdown(results: dict[str, Any], points: list[dict[str, Any]], images: list[Path]) -> str:
+    data, machine, config = results["data"], results.get("machine", {}), results["config"]
+    lines = [Line(**line) for line in results["lines"]] + size_lines(points)
+    upgrade = results["upgrade"]
+    scale = scale_name(data["traces"])
+    command = "make bench" if scale == "1m" else f"make bench SCALE={scale}"
+    parts = [
+        f"# tracestore benchmark: {data['traces']:,} traces",
+        "",
+        f"`{command}` (benchmarks/suite.py) at `{config['revision']}`, {machine.get('date', '')}.",
+        f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, {machine.get('memory_gb', '?')} GB;"
+        f" {machine.get('os', '')}; Python {machine.get('python', '?')}, SQLite {machine.get('sqlite', '?')}."
+        " Shared and noisy: read the ratios (both sides measured in the same run, interleaved), not the times.",
+        "",
+        f"Data: {data['traces']:,} traces, {data['links']:,} session links, hot session {data['hot_traces']:,} traces"
+        f" with {data['burst_traces']:,} in the last 10 minutes; generated as a legacy file, a copy upgraded by"
+        f" `alembic upgrade head` in {upgrade['seconds']:.0f} s, then `tracestore finalize`."
+        f" Medians of {config['runs']} interleaved rounds (legacy query: {results.get('legacy_runs')}).",
+        "",
+        "## Against the targets",
+        "",
+        markdown_table(lines),
+        "",
+        "## Latency against database size",
+        "",
+        _size_table(points),
+        "",
+    ]
+    parts += [f"![{image.stem}]({image.name})" for image in images if image.stem.startswith("latency_vs_size")]
+    for axis in ("window", "limit"):
+        curve = results.get("curves", {}).get(axis)
+        if curve:
+            parts += ["", f"## Latency against the {axis}", "", _curve_table(curve, axis), ""]
+            parts += [f"![latency_vs_{axis}](latency_vs_{axis}.png)"]
+    parts += ["", "## Query plans", ""]
+    for name, steps in results.get("plans", {}).items():
+        parts += [f"- {name}: " + " / ".join(f"`{step}`" for step in steps)]
+    problems = results["problems"] + [problem for point in points for problem in point["problems"]]
+    if problems:
+        parts += ["", "## WRONG RESULTS (timings void)", "", *[f"- {problem}" for problem in problems]]
+    return "\n".join(parts) + "\n"
+
+
+def build(out: Path) -> list[Path]:
+    """Write results.md and the plots from out/results.json (and the size-*.json it names)."""
+    results = json.loads((out / "results.json").read_text())
+    points = size_points(out, results)
+    images = plots(out, results, points)
+    page = out / "results.md"
+    page.write_text(markdown(results, points, images))
+    return [page, *images]
+
+
+if __name__ == "__main__":
+    for directory in sys.argv[1:] or ["."]:
+        for path in build(Path(directory)):
+            print(path)
