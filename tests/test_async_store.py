@@ -7,6 +7,7 @@ import itertools
 import logging
 import math
 import random
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,37 @@ async def test_failing_batch_keeps_nothing(async_store: AsyncTraceStore, db_path
     with pytest.raises(InvalidTraceError):
         await async_store.store_batch([make_trace(), "not a trace"])  # type: ignore[list-item]
     assert dump_db(db_path) == before
+
+
+async def test_batch_of_new_and_restored_traces(async_store: AsyncTraceStore, db_path: Path) -> None:
+    # Inserted first, upserted only when the insert skipped an id: both kinds in one batch, as in the sync store.
+    old = make_trace(id="old", data=1, session_uids=["a"], created_at=T0)
+    await async_store.store(old)
+    fresh = [make_trace(id=f"new{i}", session_uids=["a"], created_at=T0 + i) for i in range(3)]
+    again = make_trace(id="old", data=2, session_uids=["b"], created_at=T0 + 10)
+    await async_store.store_batch([fresh[0], again, *fresh[1:]])
+    assert await async_store.get("old") == merge_restore(old, again)
+    for trace in fresh:
+        assert await async_store.get(trace.id) == trace
+    assert [t.id for t in await async_store.get_by_session_uid("a")] == ["old", "new2", "new1", "new0"]
+    assert junction_drift(db_path) == []
+
+
+async def test_database_failure_mid_batch_rolls_everything_back(async_store: AsyncTraceStore, db_path: Path) -> None:
+    existing = make_trace(id="keep", session_uids=["a"], created_at=T0)
+    await async_store.store(existing)
+    with sqlite3.connect(db_path) as connection:
+        connection.execute(
+            "CREATE TRIGGER boom BEFORE INSERT ON trace_sessions WHEN NEW.session_uid = 'boom' "
+            "BEGIN SELECT RAISE(ABORT, 'boom'); END"
+        )
+    connection.close()
+    before = dump_db(db_path)
+    batch = [make_trace(session_uids=["a"]), make_trace(id="keep", data="changed"), make_trace(session_uids=["boom"])]
+    with pytest.raises(StorageError, match="boom"):
+        await async_store.store_batch(batch)
+    assert dump_db(db_path) == before
+    assert await async_store.get("keep") == existing
 
 
 # -- bad input ------------------------------------------------------------------------------------------------

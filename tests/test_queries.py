@@ -14,12 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects import postgresql, sqlite
 
 import tracestore.queries
 from tests.oracle import make_trace, sql_oracle_query
 from tracestore import TraceContext, TraceStore
-from tracestore.queries import explain_statement, query_statement, statements_for
+from tracestore.queries import (
+    LINK_COLUMNS,
+    TRACE_COLUMNS,
+    DriverSQL,
+    compiled,
+    explain_statement,
+    query_statement,
+    statements_for,
+)
 
 T0 = 1_700_000_000.0
 N_TRACES = 20_000
@@ -179,7 +187,7 @@ def test_statements_are_built_once() -> None:
         assert statements.all_traces(**kwargs) is everything
         shapes.update({id(session), id(everything)})
     assert len(shapes) == 2 * len(FLAG_COMBINATIONS)
-    for name in ("upsert_trace", "insert_link", "delete_trace", "get_trace"):
+    for name in ("insert_trace", "upsert_trace", "insert_link", "delete_trace", "get_trace"):
         assert getattr(statements, name) is getattr(statements, name)
 
 
@@ -247,7 +255,7 @@ count = 0
 for dialect_name, dialect in (("sqlite", sqlite.dialect()), ("postgresql", postgresql.dialect())):
     statements = queries.statements_for(dialect_name)
     built = [getattr(statements, name) for name in
-             ("upsert_trace", "insert_link", "delete_trace", "get_trace")]
+             ("insert_trace", "upsert_trace", "insert_link", "delete_trace", "get_trace")]
     for flags in itertools.product([False, True], repeat=5):
         kwargs = dict(zip(("since", "until", "limit", "namespace", "context_type"), flags))
         built += [statements.session_traces(**kwargs), statements.all_traces(**kwargs)]
@@ -264,4 +272,19 @@ def test_building_statements_needs_no_engine() -> None:
         [sys.executable, "-c", textwrap.dedent(NO_IO_SCRIPT)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(2 * (4 + 2 * len(FLAG_COMBINATIONS)))
+    assert result.stdout.strip() == str(2 * (5 + 2 * len(FLAG_COMBINATIONS)))
+
+
+def test_write_rows_go_to_the_driver_as_built() -> None:
+    row = ("id1", "span", "web", "{}", "{}", 1.0, 2.0)
+    lite = compiled(statements_for("sqlite").insert_trace, sqlite.dialect())
+    assert lite.names == TRACE_COLUMNS  # positional: the store's tuples are already the driver's arguments
+    rows = [row]
+    assert lite.args_many(TRACE_COLUMNS, rows) is rows
+    link = compiled(statements_for("sqlite").insert_link, sqlite.dialect())
+    assert link.names == LINK_COLUMNS
+    # A named paramstyle, or another order, gets the values by name.
+    pg = compiled(statements_for("postgresql").insert_trace, postgresql.dialect())
+    assert pg.args_many(TRACE_COLUMNS, rows) == [dict(zip(TRACE_COLUMNS, row, strict=True))]
+    reordered = DriverSQL(lite.sql, tuple(reversed(TRACE_COLUMNS)), {})
+    assert reordered.args_many(TRACE_COLUMNS, rows) == [tuple(reversed(row))]

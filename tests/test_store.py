@@ -457,6 +457,49 @@ def test_same_id_twice_in_one_batch_behaves_like_two_stores(store: TraceStore, d
     assert store.get_by_session_uid("a", since=T0 + 50) == [expected]
 
 
+def test_batch_of_new_and_restored_traces(store: TraceStore, db_path: Path) -> None:
+    # The store inserts first and upserts only when the insert skipped an id: both kinds in one batch.
+    old = make(id="old", data=1, session_uids=["a"], created_at=T0)
+    store.store(old)
+    fresh = [make(id=f"new{i}", session_uids=["a", "c"], created_at=T0 + i) for i in range(3)]
+    again = make(id="old", data=2, metadata={"m": 2}, session_uids=["b"], created_at=T0 + 10, updated_at=T0 + 11)
+    store.store_batch([fresh[0], again, *fresh[1:]])
+    assert store.get("old") == merge_restore(old, again)
+    assert links(db_path, "old") == [("a", T0 + 10), ("b", T0 + 10)]
+    for trace in fresh:
+        assert store.get(trace.id) == trace
+        assert links(db_path, trace.id) == [("a", trace.created_at), ("c", trace.created_at)]
+    assert [t.id for t in store.get_by_session_uid("a")] == ["old", "new2", "new1", "new0"]
+
+
+def sqlite_statements(store: TraceStore, write: Callable[[], Any]) -> set[str]:
+    """The distinct statements SQLite ran for `write`, without their values (the store writes through
+    the DBAPI cursor, so SQLite's own trace is the one that sees them)."""
+    executed: list[str] = []
+
+    def trace_connection(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.set_trace_callback(executed.append)
+
+    sqlalchemy.event.listen(store.engine, "connect", trace_connection)
+    store.engine.dispose()
+    try:
+        write()
+    finally:
+        sqlalchemy.event.remove(store.engine, "connect", trace_connection)
+        store.engine.dispose()
+    return {sql.split(" VALUES ")[0] + (" DO UPDATE" if "DO UPDATE" in sql else "") for sql in executed}
+
+
+def test_new_traces_are_inserted_without_the_upsert(store: TraceStore) -> None:
+    store.store(make(id="old", session_uids=["a"], created_at=T0))
+    insert = "INSERT INTO traces (id, context_type, namespace, data, metadata, created_at, updated_at)"
+    new_only = sqlite_statements(store, lambda: store.store_batch([make(session_uids=["a"]), make()]))
+    assert insert in new_only and f"{insert} DO UPDATE" not in new_only
+    mixed = sqlite_statements(store, lambda: store.store_batch([make(), make(id="old", data="again", created_at=T0)]))
+    assert f"{insert} DO UPDATE" in mixed
+    assert store.get("old") == make(id="old", data="again", session_uids=["a"], created_at=T0)
+
+
 # -- delete -----------------------------------------------------------------------------------------------
 def test_delete_removes_trace_and_links(store: TraceStore, db_path: Path) -> None:
     doomed = make(session_uids=["a", "b"], created_at=T0)

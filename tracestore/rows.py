@@ -10,46 +10,50 @@ import orjson
 from sqlalchemy import Select
 
 from tracestore.errors import InvalidQueryError, InvalidTraceError, StorageError
-from tracestore.queries import Statements, query_statement
+from tracestore.queries import TRACE_COLUMNS, Statements, query_statement
 from tracestore.types import Page, PageCursor, TraceContext, check_identifier
 
 _loads = orjson.loads
+_CREATED_AT = TRACE_COLUMNS.index("created_at")
 
 
 class WriteBatch:
-    """Parameter lists for one write transaction, built (and so validated) before touching the database."""
+    """The rows of one write transaction, built (and so validated) before touching the database.
 
-    __slots__ = ("link_params", "trace_params")
+    `traces`: one row per distinct id, in queries.TRACE_COLUMNS order; `links`: one row per
+    (trace, session), in queries.LINK_COLUMNS order. Tuples, not dicts: they go to the driver as they are.
+    """
+
+    __slots__ = ("links", "traces")
 
     def __init__(self, traces: Iterable[TraceContext]) -> None:
-        self.trace_params: list[dict[str, Any]] = []
-        self.link_params: list[dict[str, Any]] = []
         # The same id twice in one batch behaves like two store() calls: the last one's fields win
         # and the sessions add up, all stamped with the final created_at.
-        rows: dict[str, dict[str, Any]] = {}
-        sessions: dict[str, set[str]] = {}
+        rows: dict[str, tuple[Any, ...]] = {}
+        sessions: dict[str, tuple[str, ...]] = {}
         for trace in traces:
             if not isinstance(trace, TraceContext):
                 raise InvalidTraceError(f"expected a TraceContext, got {type(trace).__name__}")
             trace.validate()  # fields may have been reassigned since construction
+            trace_id = trace.id
             # Encoded before de-duplication, so a bad entry fails even when a later one shares its id.
-            rows[trace.id] = {
-                "id": trace.id,
-                "context_type": trace.context_type,
-                "namespace": trace.namespace,
-                "data": _dumps("data", trace),
-                "metadata": _dumps("metadata", trace),
-                "created_at": trace.created_at,
-                "updated_at": trace.updated_at,
-            }
-            sessions.setdefault(trace.id, set()).update(trace.session_uids)
-        for trace_id, row in rows.items():
-            created_at = row["created_at"]
-            self.trace_params.append(row)
-            self.link_params.extend(
-                {"trace_id": trace_id, "session_uid": uid, "created_at": created_at}
-                for uid in sorted(sessions[trace_id])
+            rows[trace_id] = (
+                trace_id,
+                trace.context_type,
+                trace.namespace,
+                _dumps("data", trace),
+                _dumps("metadata", trace),
+                trace.created_at,
+                trace.updated_at,
             )
+            uids = trace.session_uids  # sorted and unique (validate)
+            if trace_id in sessions:
+                uids = tuple(sorted({*sessions[trace_id], *uids}))
+            sessions[trace_id] = uids
+        self.traces: list[tuple[Any, ...]] = list(rows.values())
+        self.links: list[tuple[str, str, float]] = [
+            (trace_id, uid, row[_CREATED_AT]) for trace_id, row in rows.items() for uid in sessions[trace_id]
+        ]
 
 
 def _dumps(field_name: str, trace: TraceContext) -> str:

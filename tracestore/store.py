@@ -13,7 +13,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from tracestore.engine import SINGLE_STATEMENT_READ, WRITE, configure_engine, create_engine, missing_sqlite_file
 from tracestore.errors import SchemaOutOfDateError
 from tracestore.migrate import at_head, ensure_head
-from tracestore.queries import DriverSQL, Statements, compiled, explain_statement, statements_for
+from tracestore.queries import (
+    LINK_COLUMNS,
+    TRACE_COLUMNS,
+    DriverSQL,
+    Statements,
+    compiled,
+    explain_statement,
+    statements_for,
+)
 from tracestore.rows import (
     WriteBatch,
     check_query_string,
@@ -76,15 +84,23 @@ class TraceStore:
     def store_batch(self, traces: Iterable[TraceContext]) -> None:
         """Store many traces in one transaction: all of them or, on any error, none."""
         batch = WriteBatch(traces)
-        if not batch.trace_params:
+        if not batch.traces:
             return
+        insert, upsert, link = (self._driver_sql(stmt) for stmt in self._sql.write_statements)
         try:
-            upsert, link = self._driver_sql(self._sql.upsert_trace), self._driver_sql(self._sql.insert_link)
             with self._write_engine.begin() as conn:
-                conn.exec_driver_sql(upsert.sql, [upsert.args(row) for row in batch.trace_params])
-                if batch.link_params:
-                    conn.exec_driver_sql(link.sql, [link.args(row) for row in batch.link_params])
-        except SQLAlchemyError as exc:
+                # Straight to the pooled DBAPI connection, inside SQLAlchemy's transaction (like _fetch):
+                # exec_driver_sql's result and event machinery cost ~10% of a 500-trace batch.
+                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    cursor.executemany(insert.sql, insert.args_many(TRACE_COLUMNS, batch.traces))
+                    if cursor.rowcount != len(batch.traces):  # some ids exist (or the driver cannot tell)
+                        cursor.executemany(upsert.sql, upsert.args_many(TRACE_COLUMNS, batch.traces))
+                    if batch.links:
+                        cursor.executemany(link.sql, link.args_many(LINK_COLUMNS, batch.links))
+                finally:
+                    cursor.close()
+        except (SQLAlchemyError, self._engine.dialect.loaded_dbapi.Error) as exc:
             raise storage_error("store failed, nothing of the batch was written", exc) from exc
 
     def delete(self, trace_id: str) -> bool:
