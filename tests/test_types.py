@@ -230,6 +230,60 @@ def test_validate_rechecks_reassigned_fields() -> None:
             broken.validate()
 
 
+class Text(str):
+    pass
+
+
+# validate() decides the usual values (ASCII str, finite float, an already sorted tuple of ASCII
+# str) in one step and leaves everything else to the full check: both paths, side by side.
+@pytest.mark.parametrize(
+    ("field_name", "value"),
+    [
+        ("id", "\ud800"),  # a lone surrogate: not ASCII, and not encodable either
+        ("namespace", ""),
+        ("context_type", b"span"),
+        ("created_at", math.inf),
+        ("updated_at", -math.inf),
+        ("created_at", "1.0"),
+        ("session_uids", ("a", "")),
+        ("session_uids", ("", "a")),
+        ("session_uids", ("a", 1)),
+        ("session_uids", ("a", None)),
+        ("session_uids", ("a", "b\udc00")),
+        ("session_uids", "ab"),
+    ],
+    ids=repr,
+)
+def test_validate_refuses_after_reassignment(field_name: str, value: Any) -> None:
+    trace = make()
+    setattr(trace, field_name, value)
+    with pytest.raises(InvalidTraceError):
+        trace.validate()
+
+
+@pytest.mark.parametrize(
+    ("field_name", "value", "expected"),
+    [
+        ("id", "中文", "中文"),
+        ("namespace", Text("web"), Text("web")),  # accepted as it is, like before
+        ("created_at", 7, 7.0),
+        ("session_uids", ("b", "a"), ("a", "b")),
+        ("session_uids", ("a", "a"), ("a",)),
+        ("session_uids", ("a", "é"), ("a", "é")),
+        ("session_uids", ("é", "a"), ("a", "é")),
+        ("session_uids", (Text("b"), "a"), ("a", "b")),
+        ("session_uids", ("a", "b"), ("a", "b")),
+    ],
+    ids=repr,
+)
+def test_validate_normalizes_after_reassignment(field_name: str, value: Any, expected: Any) -> None:
+    trace = make()
+    setattr(trace, field_name, value)
+    trace.validate()
+    assert getattr(trace, field_name) == expected
+    assert type(getattr(trace, field_name)) is type(expected)
+
+
 def test_not_hashable() -> None:
     # A mutable dataclass with value equality has no hash: traces cannot be set members or dict keys.
     assert TraceContext.__hash__ is None

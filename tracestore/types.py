@@ -33,6 +33,8 @@ def new_trace_id(created_at: float | None = None, *, random_bytes: Callable[[int
 
 def check_timestamp(name: str, value: object) -> float:
     """Epoch seconds as a finite float; bools, strings, NaN and infinities are refused."""
+    if type(value) is float and math.isfinite(value):  # the usual case, decided in one step
+        return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidTraceError(f"{name} must be a number of epoch seconds, got {type(value).__name__}")
     try:
@@ -46,6 +48,8 @@ def check_timestamp(name: str, value: object) -> float:
 
 def check_identifier(name: str, value: object) -> str:
     """A non-empty str: ids and session ids are compared byte for byte, never coerced."""
+    if type(value) is str and value and value.isascii():  # the usual case: ASCII is valid UTF-8, no encoding
+        return value
     if not isinstance(value, str):
         raise InvalidTraceError(f"{name} must be a str, got {type(value).__name__}")
     if not value:
@@ -58,6 +62,8 @@ def check_identifier(name: str, value: object) -> str:
 
 
 def _normalize_sessions(session_uids: Iterable[str]) -> tuple[str, ...]:
+    if type(session_uids) is tuple and _is_normalized(session_uids):
+        return session_uids  # what construction left behind: validate() then re-checks it without a set and a sort
     # A bare str is iterable too, and would silently become one session per character.
     if isinstance(session_uids, str | bytes):
         raise InvalidTraceError("session_uids must be an iterable of str, not a single string")
@@ -67,6 +73,16 @@ def _normalize_sessions(session_uids: Iterable[str]) -> tuple[str, ...]:
         raise InvalidTraceError(f"session_uids must be an iterable of str: {exc}") from exc
     # The junction table keeps no order, so the value type keeps a canonical one.
     return tuple(sorted(uids))
+
+
+def _is_normalized(uids: tuple[Any, ...]) -> bool:
+    """Strictly ascending non-empty ASCII str: no duplicates, nothing to encode-check. False: the full check decides."""
+    previous = ""
+    for uid in uids:
+        if type(uid) is not str or uid <= previous or not uid.isascii():
+            return False
+        previous = uid
+    return True
 
 
 @dataclass(slots=True)
