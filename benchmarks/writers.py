@@ -53,18 +53,23 @@ def _encoded(trace: TraceContext) -> dict[str, Any]:
 
 
 def raw_store_writer(connection: sqlite3.Connection) -> Callable[[list[TraceContext]], None]:
-    """The store's two write statements, compiled and run with plain sqlite3: the write floor."""
-    sql = statements_for("sqlite")
-    upsert, link = compiled(sql.upsert_trace, SQLITE), compiled(sql.insert_link, SQLITE)
+    """The store's write statements, compiled and run with plain sqlite3 as the store runs them: the write floor.
+
+    insert_trace (ON CONFLICT DO NOTHING), upsert_trace only when the insert skipped an existing id,
+    then insert_link; one BEGIN IMMEDIATE transaction per batch.
+    """
+    insert, upsert, link = (compiled(stmt, SQLITE) for stmt in statements_for("sqlite").write_statements)
 
     def write(batch: list[TraceContext]) -> None:
         traces, links = [], []
         for trace in batch:
-            traces.append(upsert.args(_encoded(trace)))
+            traces.append(insert.args(_encoded(trace)))
             for uid in trace.session_uids:
                 links.append(link.args({"trace_id": trace.id, "session_uid": uid, "created_at": trace.created_at}))
         connection.execute("BEGIN IMMEDIATE")
-        connection.executemany(upsert.sql, traces)
+        cursor = connection.executemany(insert.sql, traces)
+        if cursor.rowcount != len(traces):
+            connection.executemany(upsert.sql, traces)
         connection.executemany(link.sql, links)
         connection.execute("COMMIT")
 
