@@ -3,8 +3,10 @@
 Each configuration runs for the same number of seconds; readers and writer are also measured alone in
 the same run, so the table shows what each costs the other. The writer is another process (another
 application server, as in production) calling store_batch as fast as it can; its traces are
-timestamped before the data set, so the readers' 10-minute window returns the same rows throughout
-and the read rate does not drift with the file's growth.
+timestamped before the data set, and the readers ask for the data set's last 10 minutes
+(`query(session_uid, since, until)`), so every read returns the same rows (the write benchmark's
+traces, stored after the data set's end, stay out too) and the read rate does not drift with the
+file's growth.
 """
 
 from __future__ import annotations
@@ -69,18 +71,20 @@ def _summary(latencies: list[float], seconds: float) -> dict[str, Any]:
     }
 
 
-def _thread_readers(url: str, readers: int, *, since: float, start_at: float, seconds: float) -> dict[str, Any]:
+def _thread_readers(
+    url: str, readers: int, *, since: float, until: float, start_at: float, seconds: float
+) -> dict[str, Any]:
     latencies: list[float] = []
     lock = threading.Lock()
     with TraceStore(url, auto_upgrade=False) as store:
-        store.get_by_session_uid(HOT_UID, since=since)  # warm the pool and the statement cache
+        store.query(session_uid=HOT_UID, since=since, until=until)  # warm the pool and the statement cache
 
         def loop() -> None:
             mine = []
             time.sleep(max(0.0, start_at - time.time()))
             deadline = start_at + seconds
             while (began := time.perf_counter()) and time.time() < deadline:
-                store.get_by_session_uid(HOT_UID, since=since)
+                store.query(session_uid=HOT_UID, since=since, until=until)
                 mine.append(time.perf_counter() - began)
             with lock:
                 latencies.extend(mine)
@@ -93,18 +97,20 @@ def _thread_readers(url: str, readers: int, *, since: float, start_at: float, se
     return _summary(latencies, seconds)
 
 
-def _task_readers(url: str, readers: int, *, since: float, start_at: float, seconds: float) -> dict[str, Any]:
+def _task_readers(
+    url: str, readers: int, *, since: float, until: float, start_at: float, seconds: float
+) -> dict[str, Any]:
     async def run() -> list[float]:
         latencies: list[float] = []
         async with AsyncTraceStore(url, auto_upgrade=False) as store:
-            await store.get_by_session_uid(HOT_UID, since=since)
+            await store.query(session_uid=HOT_UID, since=since, until=until)
 
             async def loop() -> None:
                 await asyncio.sleep(max(0.0, start_at - time.time()))
                 deadline = start_at + seconds
                 while time.time() < deadline:
                     began = time.perf_counter()
-                    await store.get_by_session_uid(HOT_UID, since=since)
+                    await store.query(session_uid=HOT_UID, since=since, until=until)
                     latencies.append(time.perf_counter() - began)
 
             await asyncio.gather(*(loop() for _ in range(readers)))
@@ -113,13 +119,17 @@ def _task_readers(url: str, readers: int, *, since: float, start_at: float, seco
     return _summary(asyncio.run(run()), seconds)
 
 
-def measure(migrated: Path, *, since: float, seconds: float, readers: tuple[int, ...], seed: int) -> dict[str, Any]:
+def measure(
+    migrated: Path, *, since: float, until: float, seconds: float, readers: tuple[int, ...], seed: int
+) -> dict[str, Any]:
     """Every configuration for `seconds`: writer alone, each reader setup alone and with the writer."""
     url = f"sqlite:///{migrated}"
+    with TraceStore(url, auto_upgrade=False) as store:
+        rows = len(store.query(session_uid=HOT_UID, since=since, until=until))
     async_url = f"sqlite+aiosqlite:///{migrated}"
     created_at = since - 90 * 86400.0  # before the data set: see the module docstring
     seed_step = [seed]
-    results: dict[str, Any] = {"seconds": seconds, "writer_batch": WRITER_BATCH, "runs": []}
+    results: dict[str, Any] = {"seconds": seconds, "writer_batch": WRITER_BATCH, "rows": rows, "runs": []}
 
     def writer(start_at: float) -> Writer:
         seed_step[0] += 1000
@@ -130,10 +140,11 @@ def measure(migrated: Path, *, since: float, seconds: float, readers: tuple[int,
     results["writer_alone"] = alone.result()
     for kind, run_readers, reader_url in (("threads", _thread_readers, url), ("tasks", _task_readers, async_url)):
         for count in readers:
-            solo = run_readers(reader_url, count, since=since, start_at=time.time() + 0.2, seconds=seconds)
+            window = {"since": since, "until": until, "seconds": seconds}
+            solo = run_readers(reader_url, count, start_at=time.time() + 0.2, **window)
             start_at = time.time() + lead
             pair = writer(start_at)
-            loaded = run_readers(reader_url, count, since=since, start_at=start_at, seconds=seconds)
+            loaded = run_readers(reader_url, count, start_at=start_at, **window)
             results["runs"].append(
                 {"kind": kind, "readers": count, "alone": solo, "with_writer": loaded, "writer": pair.result()}
             )
