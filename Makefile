@@ -20,8 +20,8 @@ venv: $(BIN)/tracestore  ## create .venv and install tracestore with its dev too
 demo: venv  ## build a SQLite file of synthetic traces through the migrations, query it, show the plan
 	$(BIN)/tracestore --url sqlite:///demo.db demo --force
 
-test: venv  ## run the whole test suite
-	$(BIN)/pytest
+test: venv  ## run the whole test suite (PostgreSQL tests on a throwaway cluster when the server is installed)
+	scripts/with-postgres $(BIN)/pytest
 
 lint: venv  ## ruff and mypy
 	$(BIN)/ruff check tracestore migrations tests benchmarks
