@@ -1,4 +1,4 @@
-"""PostgreSQL: the tests' real server is reachable through both drivers tracestore supports.
+"""PostgreSQL: both drivers against the tests' real server, the migration lock, bounded transactions.
 
 The groundwork of issue 5: `make test` runs the suite inside scripts/with-postgres, which starts a
 throwaway cluster; each test gets its own database (tests/conftest.py `pg_url`).
@@ -6,12 +6,20 @@ throwaway cluster; each test gets its own database (tests/conftest.py `pg_url`).
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import threading
+import time
 from typing import Any
 
 import orjson
+import pytest
 from sqlalchemy import URL, text
 
 from tracestore.engine import create_async_engine, create_engine
+from tracestore.migration_lock import migration_lock, migration_running
+from tracestore.online import write_transaction
 
 # Unicode, quotes, nesting and a big integer: what trace payloads carry.
 PAYLOAD: dict[str, Any] = {"text": 'naïve "quoted" 日本語 🚀', "nested": {"list": [1, 2.5, None, True]}, "big": 2**53}
@@ -43,3 +51,71 @@ async def test_async_driver_round_trips_jsonb(pg_async_url: URL) -> None:
             assert (await connection.execute(text("SELECT v FROM t"))).scalar_one() == PAYLOAD
     finally:
         await engine.dispose()
+
+
+# -- one migration at a time, and bounded transactions (tracestore.migration_lock, tracestore.online) ----------
+HOLD_LOCK = """
+import sys, time
+from sqlalchemy import make_url
+from tracestore.migration_lock import migration_lock
+with migration_lock(make_url(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_migration_lock_is_held_across_processes_and_freed_by_kill_9(pg_url: URL) -> None:
+    url = pg_url.render_as_string(hide_password=False)
+    assert not migration_running(pg_url)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert migration_running(pg_url)
+        with migration_lock(pg_url.set(database="postgres")):  # another database: its own lock
+            pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+    deadline = time.monotonic() + 10  # the server ends the killed client's session on the closed socket
+    while migration_running(pg_url) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not migration_running(pg_url)
+
+
+def test_a_second_migration_waits_for_the_first(pg_url: URL) -> None:
+    order: list[str] = []
+    first_holds = threading.Event()
+
+    def first() -> None:
+        with migration_lock(pg_url):
+            order.append("first in")
+            first_holds.set()
+            time.sleep(0.5)
+            order.append("first out")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    first_holds.wait(10)
+    with migration_lock(pg_url):
+        order.append("second in")
+        with migration_lock(pg_url):  # nested in one thread: no self-deadlock
+            assert not migration_running(pg_url)  # this thread is the migration
+    thread.join(10)
+    assert order == ["first in", "first out", "second in"]
+
+
+def test_write_transaction_commits_or_rolls_back_on_postgresql(pg_url: URL) -> None:
+    engine = create_engine(pg_url.render_as_string(hide_password=False))
+    try:
+        with engine.connect() as setup:
+            setup.execute(text("CREATE TABLE t (v INTEGER)"))
+            setup.commit()
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            with write_transaction(connection):
+                connection.execute(text("INSERT INTO t VALUES (1)"))
+            with pytest.raises(RuntimeError), write_transaction(connection):
+                connection.execute(text("INSERT INTO t VALUES (2)"))
+                raise RuntimeError("mid-transaction failure")
+            assert connection.execute(text("SELECT array_agg(v) FROM t")).scalar_one() == [1]
+    finally:
+        engine.dispose()

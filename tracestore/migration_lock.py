@@ -1,4 +1,4 @@
-"""One migration at a time per SQLite database file: an exclusive flock on a file beside it.
+"""One migration at a time per database: an flock beside an SQLite file, an advisory lock on PostgreSQL.
 
 Deploy jobs and stores opened with auto_upgrade can start `upgrade` on the same file at once. SQLite
 serializes each write transaction, but not a whole online migration (the backfill commits batch by
@@ -9,6 +9,11 @@ the lock when its holder exits, killed or not, so a crashed migration never bloc
 
 The database file itself is never opened for this: closing any descriptor of it would drop the
 POSIX locks SQLite holds on it in this process.
+
+On PostgreSQL the backfill commits batch by batch too, so the same holds; there the lock is a
+session-level advisory lock (scoped to the database) held by a connection of its own for the whole
+migration. The server releases it when that session ends, so a killed migration never blocks the
+next one either.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import URL
+from sqlalchemy import URL, Connection, create_engine
+from sqlalchemy.pool import NullPool
 
 log = logging.getLogger("tracestore.migrate")
 
@@ -28,7 +34,7 @@ log = logging.getLogger("tracestore.migrate")
 def lock_path(url: URL) -> str | None:
     """The lock file of an SQLite file database; None for other engines and in-memory databases."""
     if url.get_backend_name() != "sqlite":
-        return None  # a server engine serializes migrations with its own locks
+        return None  # PostgreSQL: an advisory lock (advisory_lock below)
     database = url.database or ""
     if database in ("", ":memory:") or "mode=memory" in database:
         return None
@@ -52,9 +58,17 @@ def _open(path: str) -> int | None:
 _held = threading.local()
 
 
+# Any fixed 64-bit key works: advisory locks are scoped to the current database.
+ADVISORY_LOCK_KEY = 0x7472_6163_6573_746F  # "tracesto"
+
+
 @contextmanager
 def migration_lock(url: URL) -> Iterator[None]:
     """Hold the database's migration lock for the block, waiting for another migration to finish."""
+    if url.get_backend_name() == "postgresql":
+        with _advisory_lock(url):
+            yield
+        return
     path = lock_path(url)
     held: set[str] = _held.__dict__.setdefault("paths", set())
     descriptor = _open(path) if path and path not in held else None
@@ -76,8 +90,52 @@ def migration_lock(url: URL) -> Iterator[None]:
         os.close(descriptor)  # releases the lock
 
 
+def _lock_connection(url: URL) -> Connection:
+    # A connection of its own, outside any pool: the lock lives exactly as long as this session.
+    return create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT").connect()
+
+
+@contextmanager
+def _advisory_lock(url: URL) -> Iterator[None]:
+    key = _advisory_key(url)
+    held: set[str] = _held.__dict__.setdefault("paths", set())
+    if key in held:  # a nested migration in this thread
+        yield
+        return
+    connection = _lock_connection(url)
+    try:
+        if not connection.exec_driver_sql(f"SELECT pg_try_advisory_lock({ADVISORY_LOCK_KEY})").scalar():
+            log.info("another migration of %s is running; waiting for it to finish", url.database)
+            connection.exec_driver_sql(f"SELECT pg_advisory_lock({ADVISORY_LOCK_KEY})")
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+    finally:
+        connection.close()  # ends the session, which releases the lock
+        connection.engine.dispose()
+
+
+def _advisory_key(url: URL) -> str:
+    return f"postgresql://{url.host}:{url.port}/{url.database}?{url.query.get('host', '')}"
+
+
 def migration_running(url: URL) -> bool:
     """True while another process (or thread) holds the database's migration lock."""
+    if url.get_backend_name() == "postgresql":
+        if _advisory_key(url) in _held.__dict__.get("paths", ()):
+            return False  # this thread is the migration
+        connection = _lock_connection(url)
+        try:
+            run = connection.exec_driver_sql
+            if run(f"SELECT pg_try_advisory_lock({ADVISORY_LOCK_KEY})").scalar():
+                run(f"SELECT pg_advisory_unlock({ADVISORY_LOCK_KEY})")
+                return False
+            return True
+        finally:
+            connection.close()
+            connection.engine.dispose()
     path = lock_path(url)
     if path in _held.__dict__.get("paths", ()):
         return False  # this thread is the migration

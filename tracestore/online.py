@@ -48,9 +48,12 @@ def write_transaction(connection: Connection, *, checkpoint: bool = False) -> It
 
     The connection must be in autocommit mode (Alembic's autocommit_block). `checkpoint`: after the
     commit, checkpoint the WAL and let the next writer start it over (see restart_wal).
+    On PostgreSQL it is a plain BEGIN … COMMIT: row locks, no database-wide write lock to leave free,
+    and waiting writers are queued by the server.
     """
     run = connection.exec_driver_sql
-    run("BEGIN IMMEDIATE")
+    sqlite = connection.dialect.name == "sqlite"
+    run("BEGIN IMMEDIATE" if sqlite else "BEGIN")
     locked = time.monotonic()
     try:
         yield
@@ -58,6 +61,8 @@ def write_transaction(connection: Connection, *, checkpoint: bool = False) -> It
     except BaseException:
         run("ROLLBACK")
         raise
+    if not sqlite:
+        return
     held = time.monotonic() - locked
     if checkpoint:
         restart_wal(connection)
