@@ -1,4 +1,5 @@
-"""PostgreSQL: both drivers against the tests' real server, the migration lock, bounded transactions.
+"""PostgreSQL: both drivers against the tests' real server, the migration lock, bounded transactions,
+the triggers that keep the junction's created_at.
 
 The groundwork of issue 5: `make test` runs the suite inside scripts/with-postgres, which starts a
 throwaway cluster; each test gets its own database (tests/conftest.py `pg_url`).
@@ -20,6 +21,13 @@ from sqlalchemy import URL, text
 from tracestore.engine import create_async_engine, create_engine
 from tracestore.migration_lock import migration_lock, migration_running
 from tracestore.online import write_transaction
+from tracestore.schema import (
+    COPY_TRIGGERS,
+    ROLLING_DEPLOY_TRIGGERS,
+    create_copy_triggers,
+    drop_copy_triggers,
+    missing_copy_triggers,
+)
 
 # Unicode, quotes, nesting and a big integer: what trace payloads carry.
 PAYLOAD: dict[str, Any] = {"text": 'naïve "quoted" 日本語 🚀', "nested": {"list": [1, 2.5, None, True]}, "big": 2**53}
@@ -117,5 +125,60 @@ def test_write_transaction_commits_or_rolls_back_on_postgresql(pg_url: URL) -> N
                 connection.execute(text("INSERT INTO t VALUES (2)"))
                 raise RuntimeError("mid-transaction failure")
             assert connection.execute(text("SELECT array_agg(v) FROM t")).scalar_one() == [1]
+    finally:
+        engine.dispose()
+
+
+# -- the copy triggers (tracestore.schema), on tables shaped as at revision 0002 ---------------------------------
+TABLES_AT_0002 = """
+CREATE TABLE traces (id TEXT PRIMARY KEY, created_at DOUBLE PRECISION NOT NULL);
+CREATE TABLE trace_sessions (
+    trace_id TEXT NOT NULL, session_uid TEXT NOT NULL, created_at DOUBLE PRECISION,
+    PRIMARY KEY (trace_id, session_uid)
+)
+"""  # no foreign key: the legacy writers could insert links before their trace
+
+
+def links(connection: Any) -> dict[tuple[str, str], float | None]:
+    rows = connection.execute(text("SELECT trace_id, session_uid, created_at FROM trace_sessions")).all()
+    return {(trace_id, uid): created for trace_id, uid, created in rows}
+
+
+def test_copy_triggers_keep_the_junction_time_right_on_postgresql(pg_url: URL) -> None:
+    engine = create_engine(pg_url.render_as_string(hide_password=False))
+    try:
+        with engine.begin() as connection:
+            for statement in TABLES_AT_0002.split(";"):
+                connection.exec_driver_sql(statement)
+            assert missing_copy_triggers(connection) == list(COPY_TRIGGERS)
+            for statement in create_copy_triggers(dialect="postgresql"):
+                connection.execute(statement)
+            assert missing_copy_triggers(connection) == []
+
+            run = connection.exec_driver_sql
+            run("INSERT INTO traces VALUES ('t1', 100.5)")
+            run("INSERT INTO trace_sessions (trace_id, session_uid) VALUES ('t1', 'a')")  # previous release
+            run("INSERT INTO trace_sessions VALUES ('t1', 'b', 100.5)")  # the store
+            run("INSERT INTO trace_sessions (trace_id, session_uid) VALUES ('t2', 'a')")  # before its trace
+            assert links(connection)[("t2", "a")] is None
+            run("INSERT INTO traces VALUES ('t2', 200.25)")
+            assert links(connection) == {("t1", "a"): 100.5, ("t1", "b"): 100.5, ("t2", "a"): 200.25}
+            run("UPDATE traces SET created_at = 300.0 WHERE id = 't1'")  # a re-stored trace moves
+            assert links(connection) == {("t1", "a"): 300.0, ("t1", "b"): 300.0, ("t2", "a"): 200.25}
+
+            for statement in drop_copy_triggers(ROLLING_DEPLOY_TRIGGERS, dialect="postgresql"):  # finalize
+                connection.execute(statement)
+            assert missing_copy_triggers(connection) == list(ROLLING_DEPLOY_TRIGGERS)
+            run("INSERT INTO trace_sessions (trace_id, session_uid) VALUES ('t2', 'c')")
+            assert links(connection)[("t2", "c")] is None  # no stamp any more: verify --fix's job
+            run("UPDATE traces SET created_at = 400.0 WHERE id = 't2'")
+            assert links(connection)[("t2", "a")] == 400.0  # the follow trigger stays
+            for statement in drop_copy_triggers(dialect="postgresql"):
+                connection.execute(statement)
+            assert missing_copy_triggers(connection) == list(COPY_TRIGGERS)
+            functions = connection.execute(
+                text("SELECT count(*) FROM pg_proc WHERE proname = ANY(:names)"), {"names": list(COPY_TRIGGERS)}
+            ).scalar_one()
+            assert functions == 0  # the trigger functions go with them
     finally:
         engine.dispose()

@@ -113,7 +113,7 @@ def finalize(target: UrlOrEngine) -> list[str]:
         with engine.connect() as connection:
             autocommit = connection.execution_options(isolation_level="AUTOCOMMIT")
             with write_transaction(autocommit):
-                for statement in drop_copy_triggers(ROLLING_DEPLOY_TRIGGERS):
+                for statement in drop_copy_triggers(ROLLING_DEPLOY_TRIGGERS, dialect=autocommit.dialect.name):
                     autocommit.execute(statement)
         for name in present:
             log.info("dropped trigger %s", name)

@@ -158,18 +158,72 @@ REQUIRED_TRIGGERS = (FOLLOW_TRIGGER,)
 ROLLING_DEPLOY_TRIGGERS = (STAMP_LINK_TRIGGER, STAMP_TRACE_TRIGGER)
 
 
-def create_copy_triggers(names: tuple[str, ...] = tuple(COPY_TRIGGERS)) -> tuple[TextClause, ...]:
+# The same three triggers on PostgreSQL: a trigger there runs a function. (table, timing and event,
+# WHEN condition, function body). The link stamp is a BEFORE trigger that fills the row being
+# inserted, which PostgreSQL allows and SQLite does not (there it is a second UPDATE).
+_PG_TRIGGERS: dict[str, tuple[str, str, str, str]] = {
+    FOLLOW_TRIGGER: (
+        "traces",
+        "AFTER UPDATE OF created_at",
+        "NEW.created_at IS DISTINCT FROM OLD.created_at",
+        "UPDATE trace_sessions SET created_at = NEW.created_at WHERE trace_id = NEW.id; RETURN NULL;",
+    ),
+    STAMP_LINK_TRIGGER: (
+        "trace_sessions",
+        "BEFORE INSERT",
+        "NEW.created_at IS NULL",
+        "NEW.created_at := (SELECT created_at FROM traces WHERE id = NEW.trace_id); RETURN NEW;",
+    ),
+    STAMP_TRACE_TRIGGER: (
+        "traces",
+        "AFTER INSERT",
+        "TRUE",
+        "UPDATE trace_sessions SET created_at = NEW.created_at"
+        " WHERE trace_id = NEW.id AND created_at IS DISTINCT FROM NEW.created_at; RETURN NULL;",
+    ),
+}
+
+
+def create_copy_triggers(
+    names: tuple[str, ...] = tuple(COPY_TRIGGERS), *, dialect: str = "sqlite"
+) -> tuple[TextClause, ...]:
+    if dialect == "postgresql":
+        statements = []
+        for name in names:
+            table, event, condition, body = _PG_TRIGGERS[name]
+            statements += [
+                text(f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN {body} END $$"),
+                text(
+                    f"CREATE OR REPLACE TRIGGER {name} {event} ON {table} FOR EACH ROW WHEN ({condition})"
+                    f" EXECUTE FUNCTION {name}()"
+                ),
+            ]
+        return tuple(statements)
     return tuple(text(f"CREATE TRIGGER IF NOT EXISTS {name} {COPY_TRIGGERS[name]}") for name in names)
 
 
-def drop_copy_triggers(names: tuple[str, ...] = tuple(COPY_TRIGGERS)) -> tuple[TextClause, ...]:
+def drop_copy_triggers(
+    names: tuple[str, ...] = tuple(COPY_TRIGGERS), *, dialect: str = "sqlite"
+) -> tuple[TextClause, ...]:
+    if dialect == "postgresql":
+        return tuple(
+            statement
+            for name in names
+            for statement in (
+                text(f"DROP TRIGGER IF EXISTS {name} ON {_PG_TRIGGERS[name][0]}"),
+                text(f"DROP FUNCTION IF EXISTS {name}()"),
+            )
+        )
     return tuple(text(f"DROP TRIGGER IF EXISTS {name}") for name in names)
 
 
 def missing_copy_triggers(connection: Connection, names: tuple[str, ...] = tuple(COPY_TRIGGERS)) -> list[str]:
-    present = {
-        name for (name,) in connection.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'trigger'").all()
-    }
+    query = (
+        "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal"
+        if connection.dialect.name == "postgresql"
+        else "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+    )
+    present = {name for (name,) in connection.exec_driver_sql(query).all()}
     return [name for name in names if name not in present]
 
 

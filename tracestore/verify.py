@@ -280,7 +280,7 @@ def _repair(
                 autocommit.execute(drop_session_index())
                 autocommit.execute(create_session_index())
             if TRIGGER in failing:
-                for trigger in create_copy_triggers(REQUIRED_TRIGGERS):
+                for trigger in create_copy_triggers(REQUIRED_TRIGGERS, dialect=autocommit.dialect.name):
                     autocommit.execute(trigger)
             run("COMMIT")
         except BaseException:

@@ -52,7 +52,7 @@ def _add_column_and_triggers() -> None:
     # A database that ran the spec's hand-written migration may already have the column.
     if "created_at" not in column_names(op.get_bind(), "trace_sessions"):
         op.add_column("trace_sessions", sa.Column("created_at", EpochSeconds, nullable=True))
-    for statement in create_copy_triggers():
+    for statement in create_copy_triggers(dialect=op.get_bind().dialect.name):
         op.execute(statement)
 
 
@@ -91,7 +91,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute(drop_session_index())
     op.create_index("idx_trace_sessions_trace", "trace_sessions", ["trace_id"], if_not_exists=True)
-    for statement in drop_copy_triggers():
+    for statement in drop_copy_triggers(dialect=op.get_bind().dialect.name):
         op.execute(statement)
     # SQLite >= 3.35 drops a column in place (no batch-mode copy of the table), rewriting each row
     # once in this transaction: it cannot be split into batches.
