@@ -19,13 +19,17 @@ import pytest
 from sqlalchemy import URL, text
 
 from tracestore.engine import create_async_engine, create_engine
+from tracestore.migrate import current_revision, downgrade, upgrade
 from tracestore.migration_lock import migration_lock, migration_running
+from tracestore.models import SESSION_TIME_INDEX
 from tracestore.online import write_transaction
 from tracestore.schema import (
     COPY_TRIGGERS,
     ROLLING_DEPLOY_TRIGGERS,
+    column_names,
     create_copy_triggers,
     drop_copy_triggers,
+    index_names,
     missing_copy_triggers,
 )
 
@@ -180,5 +184,37 @@ def test_copy_triggers_keep_the_junction_time_right_on_postgresql(pg_url: URL) -
                 text("SELECT count(*) FROM pg_proc WHERE proname = ANY(:names)"), {"names": list(COPY_TRIGGERS)}
             ).scalar_one()
             assert functions == 0  # the trigger functions go with them
+    finally:
+        engine.dispose()
+
+
+# -- the migration chain on PostgreSQL, as far as it runs there today --------------------------------------------
+def test_0001_and_0002_up_and_down_on_postgresql(pg_url: URL) -> None:
+    """Issue 5 in progress: 0003's backfill is SQLite-only (rowid batches), so the chain stops there."""
+    url = pg_url.render_as_string(hide_password=False)
+    upgrade(url, "0002")
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            assert current_revision(connection) == "0002"
+            assert "created_at" in column_names(connection, "trace_sessions")
+            assert missing_copy_triggers(connection) == []
+            indexes = dict(
+                connection.exec_driver_sql(
+                    "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'trace_sessions'"
+                ).all()
+            )
+            assert "idx_trace_sessions_trace" not in indexes
+            assert indexes[SESSION_TIME_INDEX].endswith("WHERE (created_at IS NOT NULL)")
+        downgrade(url, "0001")
+        with engine.connect() as connection:
+            assert current_revision(connection) == "0001"
+            assert "created_at" not in column_names(connection, "trace_sessions")
+            assert missing_copy_triggers(connection) == list(COPY_TRIGGERS)
+            assert set(index_names(connection, "trace_sessions")) >= {
+                "idx_trace_sessions_uid",
+                "idx_trace_sessions_trace",
+            }
+            assert SESSION_TIME_INDEX not in index_names(connection, "trace_sessions")
     finally:
         engine.dispose()

@@ -95,7 +95,11 @@ def restart_wal(connection: Connection) -> None:
 def read_into_cache(connection: Connection, table: str, index: str | None = None) -> None:
     """Read every page of a table (or of one of its indexes) without holding the write lock.
 
-    `table` and `index` are schema names from the migrations, never user input.
+    `table` and `index` are schema names from the migrations, never user input. On PostgreSQL it does
+    nothing: there is no database-wide write lock to keep short, and a cold read under a lock only
+    slows the writers that touch the same rows.
     """
+    if connection.dialect.name != "sqlite":
+        return
     source = f"{table} INDEXED BY {index}" if index else f"{table} NOT INDEXED"
     connection.exec_driver_sql(f"SELECT count(*) FROM {source}").scalar()
