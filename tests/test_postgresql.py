@@ -18,8 +18,9 @@ import orjson
 import pytest
 from sqlalchemy import URL, text
 
+from tracestore.backfill import PROGRESS_TABLE
 from tracestore.engine import create_async_engine, create_engine
-from tracestore.migrate import current_revision, downgrade, upgrade
+from tracestore.migrate import current_revision, downgrade, head_revision, upgrade
 from tracestore.migration_lock import migration_lock, migration_running
 from tracestore.models import SESSION_TIME_INDEX
 from tracestore.online import write_transaction
@@ -31,6 +32,7 @@ from tracestore.schema import (
     drop_copy_triggers,
     index_names,
     missing_copy_triggers,
+    table_names,
 )
 
 # Unicode, quotes, nesting and a big integer: what trace payloads carry.
@@ -190,7 +192,6 @@ def test_copy_triggers_keep_the_junction_time_right_on_postgresql(pg_url: URL) -
 
 # -- the migration chain on PostgreSQL, as far as it runs there today --------------------------------------------
 def test_0001_and_0002_up_and_down_on_postgresql(pg_url: URL) -> None:
-    """Issue 5 in progress: 0003's backfill is SQLite-only (rowid batches), so the chain stops there."""
     url = pg_url.render_as_string(hide_password=False)
     upgrade(url, "0002")
     engine = create_engine(url)
@@ -216,5 +217,45 @@ def test_0001_and_0002_up_and_down_on_postgresql(pg_url: URL) -> None:
                 "idx_trace_sessions_trace",
             }
             assert SESSION_TIME_INDEX not in index_names(connection, "trace_sessions")
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_head_backfills_in_key_batches_and_removes_orphans_on_postgresql(pg_url: URL) -> None:
+    url = pg_url.render_as_string(hide_password=False)
+    upgrade(url, "0001")  # the legacy tables
+    traces = {f"t{i}-ü": 1_700_000_000.0 + (i // 3) for i in range(20)}  # ties: three traces per second
+    links = [(trace_id, f"s{i % 4}") for i, trace_id in enumerate(traces)]
+    links += [(trace_id, "shared-ß") for trace_id in list(traces)[::5]]  # traces in two sessions
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO traces (id, context_type, namespace, data, created_at, updated_at)"
+                    " VALUES (:id, 'span', 'web', '{}', :t, :t)"
+                ),
+                [{"id": trace_id, "t": created} for trace_id, created in traces.items()],
+            )
+            connection.execute(text("INSERT INTO trace_sessions VALUES (:t, :s)"), [{"t": t, "s": s} for t, s in links])
+            # Links to traces that do not exist, as a writer without the foreign key left them.
+            connection.exec_driver_sql("SET LOCAL session_replication_role = replica")
+            connection.execute(
+                text("INSERT INTO trace_sessions VALUES (:t, 's0')"), [{"t": "gone-1"}, {"t": "zz-gone-2"}]
+            )
+        reports = upgrade(url, batch_size=4)
+        with engine.connect() as connection:
+            assert current_revision(connection) == head_revision()
+            rows = connection.exec_driver_sql(
+                "SELECT ts.trace_id, ts.session_uid, ts.created_at, t.created_at"
+                " FROM trace_sessions ts LEFT JOIN traces t ON t.id = ts.trace_id"
+            ).all()
+            assert sorted((trace_id, uid) for trace_id, uid, _, _ in rows) == sorted(links)
+            assert all(copy == original for _, _, copy, original in rows)
+            assert "idx_trace_sessions_uid" not in index_names(connection, "trace_sessions")
+            assert PROGRESS_TABLE not in table_names(connection)
+        backfill = reports["backfill"]
+        assert backfill.orphans_removed == 2 and backfill.rows_updated == len(links)
+        assert backfill.rows_scanned == len(links) + 2  # ceil(28 / 4) batches, every row once
     finally:
         engine.dispose()

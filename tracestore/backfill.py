@@ -1,5 +1,8 @@
 """Batched backfill of trace_sessions.created_at from traces, with orphan removal and resume.
 
+`backfill(connection)` picks the engine's way: rowid ranges on SQLite, primary-key ranges on
+PostgreSQL (which has no rowid; its (trace_id, session_uid) key is an index to range over).
+
 Each batch is its own short write transaction over a rowid range of the junction table (which also
 adds the batch's rows to the partial session index), so a concurrent writer waits at most one batch
 (the lock is left free between batches, see tracestore.online), a kill loses at most one batch of
@@ -130,3 +133,108 @@ def _log_progress(report: BackfillReport, total: int, elapsed: float) -> None:
         rate,
         eta,
     )
+
+
+def backfill(
+    connection: Connection,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_progress: ProgressCallback | None = None,
+) -> BackfillReport:
+    """backfill_sqlite or backfill_postgresql, by the connection's dialect."""
+    run = backfill_postgresql if connection.dialect.name == "postgresql" else backfill_sqlite
+    return run(connection, batch_size=batch_size, on_progress=on_progress)
+
+
+# PostgreSQL: batches are ranges of the junction's primary key (trace_id, session_uid), lo < key <= hi.
+_PG_RANGE = "(trace_id, session_uid) > (:lo_trace, :lo_uid) AND (trace_id, session_uid) <= (:hi_trace, :hi_uid)"
+_PG_NEXT_BOUND = text(
+    "SELECT trace_id, session_uid FROM trace_sessions WHERE (trace_id, session_uid) > (:lo_trace, :lo_uid)"
+    " ORDER BY trace_id, session_uid OFFSET :skip LIMIT 1"
+)
+_PG_LAST_KEY = text(
+    "SELECT trace_id, session_uid, count(*) OVER () FROM trace_sessions"
+    " WHERE (trace_id, session_uid) > (:lo_trace, :lo_uid) ORDER BY trace_id DESC, session_uid DESC LIMIT 1"
+)
+_PG_DELETE_ORPHANS = text(
+    f"DELETE FROM trace_sessions WHERE {_PG_RANGE}"
+    " AND NOT EXISTS (SELECT 1 FROM traces WHERE traces.id = trace_sessions.trace_id)"
+)
+_PG_FILL = text(
+    "UPDATE trace_sessions SET created_at = traces.created_at FROM traces"
+    f" WHERE traces.id = trace_sessions.trace_id AND {_PG_RANGE.replace('(trace_id', '(trace_sessions.trace_id')}"
+    " AND trace_sessions.created_at IS DISTINCT FROM traces.created_at"
+)
+_PG_SAVE = text(
+    f"INSERT INTO {PROGRESS_TABLE} (task, last_trace_id, last_session_uid) VALUES (:task, :hi_trace, :hi_uid)"
+    " ON CONFLICT (task) DO UPDATE SET last_trace_id = EXCLUDED.last_trace_id,"
+    " last_session_uid = EXCLUDED.last_session_uid"
+)
+
+
+def backfill_postgresql(
+    connection: Connection,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_progress: ProgressCallback | None = None,
+) -> BackfillReport:
+    """backfill_sqlite's job on PostgreSQL: one BEGIN … COMMIT per primary-key range, position saved with it.
+
+    The connection must be in autocommit mode. "" sorts before every id, so it is the start.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    connection.exec_driver_sql(
+        f"CREATE TABLE IF NOT EXISTS {PROGRESS_TABLE}"
+        " (task TEXT PRIMARY KEY, last_trace_id TEXT NOT NULL, last_session_uid TEXT NOT NULL)"
+    )
+    saved = connection.execute(
+        text(f"SELECT last_trace_id, last_session_uid FROM {PROGRESS_TABLE} WHERE task = :task"), {"task": TASK}
+    ).first()
+    low: tuple[str, str] = (saved[0], saved[1]) if saved is not None else ("", "")
+    if saved is not None:
+        log.info("backfill: resuming after key %r", low)
+    report = BackfillReport()
+    started = time.monotonic()
+    total = connection.execute(
+        text("SELECT count(*) FROM trace_sessions WHERE (trace_id, session_uid) > (:lo_trace, :lo_uid)"),
+        {"lo_trace": low[0], "lo_uid": low[1]},
+    ).scalar_one()
+    last_log = started
+    while True:
+        lo = {"lo_trace": low[0], "lo_uid": low[1]}
+        bound = connection.execute(_PG_NEXT_BOUND, {**lo, "skip": batch_size - 1}).first()
+        rows_in_batch = batch_size
+        if bound is not None:
+            high = (bound[0], bound[1])
+        else:
+            # Fewer than batch_size rows left: the last batch runs to the current last key.
+            last = connection.execute(_PG_LAST_KEY, lo).first()
+            if last is None:
+                break
+            high, rows_in_batch = (last[0], last[1]), last[2]
+        bounds = {**lo, "hi_trace": high[0], "hi_uid": high[1]}
+        with write_transaction(connection):
+            orphans = connection.execute(_PG_DELETE_ORPHANS, bounds).rowcount
+            updated = connection.execute(_PG_FILL, bounds).rowcount
+            connection.execute(_PG_SAVE, {"task": TASK, "hi_trace": high[0], "hi_uid": high[1]})
+        report.rows_scanned += rows_in_batch
+        report.rows_updated += updated
+        report.orphans_removed += orphans
+        low = high
+        now = time.monotonic()
+        if on_progress is not None:
+            on_progress(report.rows_scanned, max(total, report.rows_scanned))
+        if now - last_log >= 5:
+            _log_progress(report, total, now - started)
+            last_log = now
+    connection.exec_driver_sql(f"DROP TABLE IF EXISTS {PROGRESS_TABLE}")
+    report.seconds = time.monotonic() - started
+    log.info(
+        "backfill: done, %d rows scanned, %d filled, %d orphan links removed, %.1fs",
+        report.rows_scanned,
+        report.rows_updated,
+        report.orphans_removed,
+        report.seconds,
+    )
+    return report

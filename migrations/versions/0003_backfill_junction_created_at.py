@@ -16,7 +16,7 @@ import os
 
 from alembic import context, op
 
-from tracestore.backfill import DEFAULT_BATCH_SIZE, backfill_sqlite
+from tracestore.backfill import DEFAULT_BATCH_SIZE, backfill
 
 revision = "0003"
 down_revision = "0002"
@@ -34,7 +34,7 @@ def _batch_size() -> int:
 def upgrade() -> None:
     migration = op.get_context()
     with migration.autocommit_block():
-        report = backfill_sqlite(
+        report = backfill(
             op.get_bind(),
             batch_size=_batch_size(),
             on_progress=context.config.attributes.get("on_progress"),
