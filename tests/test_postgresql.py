@@ -7,6 +7,7 @@ throwaway cluster; each test gets its own database (tests/conftest.py `pg_url`).
 
 from __future__ import annotations
 
+import itertools
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import orjson
 import pytest
 from sqlalchemy import URL, text
 
+from tests.oracle import make_trace, oracle_query
+from tracestore import AsyncTraceStore, TraceContext, TraceStore
 from tracestore.backfill import PROGRESS_TABLE
 from tracestore.engine import create_async_engine, create_engine
 from tracestore.migrate import current_revision, downgrade, head_revision, upgrade
@@ -259,3 +262,55 @@ def test_upgrade_head_backfills_in_key_batches_and_removes_orphans_on_postgresql
         assert backfill.rows_scanned == len(links) + 2  # ceil(28 / 4) batches, every row once
     finally:
         engine.dispose()
+
+
+# -- the store on PostgreSQL -------------------------------------------------------------------------------------
+def store_dataset() -> list[TraceContext]:
+    traces = []
+    for i in range(40):
+        sessions = (f"s{i % 3}",) + (("shared-ß",) if i % 4 == 0 else ())
+        data: Any = {"i": i, "text": "ünïcödé 🚀" * (20_000 if i == 7 else 1)}  # one ~200 KB payload
+        traces.append(
+            make_trace(id=f"{'é' if i % 2 else 'e'}-{i:02d}", session_uids=sessions, data=data, created_at=T0 + i // 4)
+        )
+    return traces  # ties: four traces per second, ids differing in their first (non-ASCII) character
+
+
+T0 = 1_700_000_000.0
+
+
+def test_sync_store_answers_like_the_oracle_on_postgresql(pg_url: URL) -> None:
+    traces = store_dataset()
+    with TraceStore(pg_url.render_as_string(hide_password=False)) as store:
+        store.store_batch(traces)
+        for uid, since, limit in itertools.product(
+            ["s0", "s1", "shared-ß", "none"], [None, T0 + 3, T0 + 99], [None, 3]
+        ):
+            assert store.get_by_session_uid(uid, since, limit) == oracle_query(
+                traces, session_uid=uid, since=since, limit=limit
+            )
+        pages, cursor = [], None
+        while True:
+            page = store.page_by_session_uid("s1", limit=4, cursor=cursor)
+            pages += page.items
+            if (cursor := page.next_cursor) is None:
+                break
+        assert pages == oracle_query(traces, session_uid="s1")
+        several = store.get_by_session_uids(["s0", "shared-ß"], limit=7)
+        assert [t.id for t in several] == [
+            t.id for t in oracle_query([t for t in traces if {"s0", "shared-ß"} & set(t.session_uids)], limit=7)
+        ]
+        assert store.get(traces[7].id) == traces[7]
+        assert store.delete(traces[7].id) and store.get(traces[7].id) is None
+
+
+async def test_async_store_answers_like_the_sync_one_on_postgresql(pg_url: URL, pg_async_url: URL) -> None:
+    traces = store_dataset()
+    async with AsyncTraceStore(pg_async_url.render_as_string(hide_password=False)) as store:
+        await store.store_batch(traces)
+        for uid, limit in itertools.product(["s0", "shared-ß"], [None, 5]):
+            assert await store.get_by_session_uid(uid, limit=limit) == oracle_query(
+                traces, session_uid=uid, limit=limit
+            )
+        page = await store.page_by_session_uid("s2", limit=3)
+        assert page.items == oracle_query(traces, session_uid="s2", limit=3)

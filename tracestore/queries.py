@@ -22,6 +22,7 @@ from sqlalchemy import (
     Dialect,
     Select,
     Table,
+    Text,
     bindparam,
     delete,
     func,
@@ -29,6 +30,7 @@ from sqlalchemy import (
     tuple_,
     union,
 )
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -56,10 +58,11 @@ def _insert(dialect_name: str) -> Any:
 def _session_list(dialect_name: str) -> ColumnElement[Any]:
     """A JSON array of the trace's session ids, read from the junction primary key (one seek per trace)."""
     other = aliased(TraceSession, name="s")
-    aggregate = func.json_group_array if dialect_name == "sqlite" else func.json_agg
-    return (
-        select(aggregate(other.session_uid)).where(other.trace_id == Trace.id).scalar_subquery().label("session_uids")
-    )
+    if dialect_name == "sqlite":
+        aggregate: ColumnElement[Any] = func.json_group_array(other.session_uid)
+    else:  # as text, like SQLite's: psycopg and asyncpg would decode json themselves, each its own way
+        aggregate = sql_cast(func.json_agg(other.session_uid), Text)
+    return select(aggregate).where(other.trace_id == Trace.id).scalar_subquery().label("session_uids")
 
 
 # Column order of every trace-returning statement; the stores decode rows positionally.
