@@ -314,3 +314,37 @@ async def test_async_store_answers_like_the_sync_one_on_postgresql(pg_url: URL, 
             )
         page = await store.page_by_session_uid("s2", limit=3)
         assert page.items == oracle_query(traces, session_uid="s2", limit=3)
+
+
+def test_plans_on_postgresql_read_the_session_index(pg_url: URL) -> None:
+    """On a table large enough (and ANALYZEd) for the planner's choice to be the real one: latest-N
+    walks the composite index backwards and stops after N (no Sort node); an unlimited window may be
+    a bitmap scan of the same index plus a sort of just its rows, which is what PostgreSQL picks for
+    ~100 rows here (cheaper than ordered random reads)."""
+    url = pg_url.render_as_string(hide_password=False)
+    upgrade(url)
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:  # 30,000 traces, 3,000 in the hot session, one per second
+            connection.exec_driver_sql(
+                "INSERT INTO traces (id, context_type, namespace, data, metadata, created_at, updated_at)"
+                " SELECT lpad(i::text, 8, '0'), 'span', 'web', '{}', '{}', 1700000000 + i, 1700000000 + i"
+                " FROM generate_series(1, 30000) AS i"
+            )
+            connection.exec_driver_sql(
+                "INSERT INTO trace_sessions (trace_id, session_uid, created_at)"
+                " SELECT lpad(i::text, 8, '0'), CASE WHEN mod(i, 10) = 0 THEN 'hot' ELSE 's' || mod(i, 500) END,"
+                " 1700000000 + i FROM generate_series(1, 30000) AS i"
+            )
+            connection.exec_driver_sql("ANALYZE")
+        with TraceStore(url, auto_upgrade=False) as store:
+            latest = store.explain("hot", limit=100)
+            window = store.explain("hot", since=1_700_029_000.0)
+            assert len(store.get_by_session_uid("hot", since=1_700_029_000.0)) == 101  # since is inclusive
+    finally:
+        engine.dispose()
+    assert any(f"Index Only Scan Backward using {SESSION_TIME_INDEX}" in line for line in latest), latest
+    assert not any("Sort" in line for line in latest), latest
+    assert latest[0].startswith("Limit"), latest
+    assert any(SESSION_TIME_INDEX in line for line in window), window
+    assert not any("Seq Scan on trace_sessions" in line for line in window), window
