@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -224,12 +225,14 @@ def test_0001_and_0002_up_and_down_on_postgresql(pg_url: URL) -> None:
         engine.dispose()
 
 
-def test_upgrade_head_backfills_in_key_batches_and_removes_orphans_on_postgresql(pg_url: URL) -> None:
-    url = pg_url.render_as_string(hide_password=False)
+LEGACY_TRACES = {f"t{i}-ü": 1_700_000_000.0 + (i // 3) for i in range(20)}  # ties: three traces per second
+LEGACY_LINKS = [(trace_id, f"s{i % 4}") for i, trace_id in enumerate(LEGACY_TRACES)]
+LEGACY_LINKS += [(trace_id, "shared-ß") for trace_id in list(LEGACY_TRACES)[::5]]  # traces in two sessions
+
+
+def legacy_database(url: str) -> None:
+    """A database at 0001 holding LEGACY_TRACES and LEGACY_LINKS, plus two links to missing traces."""
     upgrade(url, "0001")  # the legacy tables
-    traces = {f"t{i}-ü": 1_700_000_000.0 + (i // 3) for i in range(20)}  # ties: three traces per second
-    links = [(trace_id, f"s{i % 4}") for i, trace_id in enumerate(traces)]
-    links += [(trace_id, "shared-ß") for trace_id in list(traces)[::5]]  # traces in two sessions
     engine = create_engine(url)
     try:
         with engine.begin() as connection:
@@ -238,30 +241,66 @@ def test_upgrade_head_backfills_in_key_batches_and_removes_orphans_on_postgresql
                     "INSERT INTO traces (id, context_type, namespace, data, created_at, updated_at)"
                     " VALUES (:id, 'span', 'web', '{}', :t, :t)"
                 ),
-                [{"id": trace_id, "t": created} for trace_id, created in traces.items()],
+                [{"id": trace_id, "t": created} for trace_id, created in LEGACY_TRACES.items()],
             )
-            connection.execute(text("INSERT INTO trace_sessions VALUES (:t, :s)"), [{"t": t, "s": s} for t, s in links])
+            connection.execute(
+                text("INSERT INTO trace_sessions VALUES (:t, :s)"), [{"t": t, "s": s} for t, s in LEGACY_LINKS]
+            )
             # Links to traces that do not exist, as a writer without the foreign key left them.
             connection.exec_driver_sql("SET LOCAL session_replication_role = replica")
             connection.execute(
                 text("INSERT INTO trace_sessions VALUES (:t, 's0')"), [{"t": "gone-1"}, {"t": "zz-gone-2"}]
             )
-        reports = upgrade(url, batch_size=4)
+    finally:
+        engine.dispose()
+
+
+def assert_upgraded(url: str) -> None:
+    engine = create_engine(url)
+    try:
         with engine.connect() as connection:
             assert current_revision(connection) == head_revision()
             rows = connection.exec_driver_sql(
                 "SELECT ts.trace_id, ts.session_uid, ts.created_at, t.created_at"
                 " FROM trace_sessions ts LEFT JOIN traces t ON t.id = ts.trace_id"
             ).all()
-            assert sorted((trace_id, uid) for trace_id, uid, _, _ in rows) == sorted(links)
+            assert sorted((trace_id, uid) for trace_id, uid, _, _ in rows) == sorted(LEGACY_LINKS)
             assert all(copy == original for _, _, copy, original in rows)
             assert "idx_trace_sessions_uid" not in index_names(connection, "trace_sessions")
             assert PROGRESS_TABLE not in table_names(connection)
-        backfill = reports["backfill"]
-        assert backfill.orphans_removed == 2 and backfill.rows_updated == len(links)
-        assert backfill.rows_scanned == len(links) + 2  # ceil(28 / 4) batches, every row once
     finally:
         engine.dispose()
+
+
+def test_upgrade_head_backfills_in_key_batches_and_removes_orphans_on_postgresql(pg_url: URL) -> None:
+    url = pg_url.render_as_string(hide_password=False)
+    legacy_database(url)
+    reports = upgrade(url, batch_size=4)
+    assert_upgraded(url)
+    backfill = reports["backfill"]
+    assert backfill.orphans_removed == 2 and backfill.rows_updated == len(LEGACY_LINKS)
+    assert backfill.rows_scanned == len(LEGACY_LINKS) + 2  # ceil(28 / 4) batches, every row once
+
+
+KILL = str(Path(__file__).resolve().parent / "kill_during_upgrade.py")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "occurrence"),
+    [
+        ("^UPDATE trace_sessions SET created_at = traces.created_at", 3),  # mid-batch: filled, not committed
+        (f"^INSERT INTO {PROGRESS_TABLE}", 4),  # position written, not committed
+        ("^COMMIT$", 5),  # right after the 2nd batch commits (the first three are 0002's transactions)
+    ],
+)
+def test_backfill_killed_with_sigkill_resumes_on_postgresql(pg_url: URL, pattern: str, occurrence: int) -> None:
+    url = pg_url.render_as_string(hide_password=False)
+    legacy_database(url)
+    killed = subprocess.run([sys.executable, KILL, url, pattern, str(occurrence), "4"], check=False, timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    reports = upgrade(url, batch_size=4)
+    assert_upgraded(url)
+    assert reports["backfill"].rows_scanned < len(LEGACY_LINKS) + 2  # resumed, not started over
 
 
 # -- the store on PostgreSQL -------------------------------------------------------------------------------------
