@@ -78,10 +78,8 @@ def backfill_sqlite(
     if saved is not None:
         log.info("backfill: resuming after rowid %d", saved)
     log.info("backfill: batch size %d", batch_size)
-    report = BackfillReport()
-    started = time.monotonic()
     total = connection.execute(text("SELECT count(*) FROM trace_sessions WHERE rowid > :lo"), {"lo": low}).scalar_one()
-    last_log = started
+    tracker = _Tracker(total, on_progress)
     while True:
         high = connection.execute(_NEXT_BOUND, {"lo": low, "skip": batch_size - 1}).scalar()
         rows_in_batch = batch_size
@@ -99,40 +97,52 @@ def backfill_sqlite(
             orphans = connection.execute(_DELETE_ORPHANS, bounds).rowcount
             updated = connection.execute(_FILL, bounds).rowcount
             connection.execute(_SAVE, {"task": TASK, "hi": high})
-        report.rows_scanned += rows_in_batch
+        tracker.add(rows_in_batch, updated, orphans)
+        low = high
+    return tracker.finish(connection)
+
+
+class _Tracker:
+    """Both backfills' bookkeeping: totals, the progress callback, a log line every 5 s, the end."""
+
+    def __init__(self, total: int, on_progress: ProgressCallback | None) -> None:
+        self.report = BackfillReport()
+        self.total, self.on_progress = total, on_progress
+        self.started = self.last_log = time.monotonic()
+
+    def add(self, scanned: int, updated: int, orphans: int) -> None:
+        report = self.report
+        report.rows_scanned += scanned
         report.rows_updated += updated
         report.orphans_removed += orphans
-        low = high
+        if self.on_progress is not None:
+            self.on_progress(report.rows_scanned, max(self.total, report.rows_scanned))
         now = time.monotonic()
-        if on_progress is not None:
-            on_progress(report.rows_scanned, max(total, report.rows_scanned))
-        if now - last_log >= 5:
-            _log_progress(report, total, now - started)
-            last_log = now
-    run(f"DROP TABLE IF EXISTS {PROGRESS_TABLE}")
-    report.seconds = time.monotonic() - started
-    log.info(
-        "backfill: done, %d rows scanned, %d filled, %d orphan links removed, %.1fs",
-        report.rows_scanned,
-        report.rows_updated,
-        report.orphans_removed,
-        report.seconds,
-    )
-    return report
+        if now - self.last_log >= 5:
+            rate = report.rows_scanned / (now - self.started)
+            log.info(
+                "backfill: %d / %d rows (%.0f%%), %.0f rows/s, ETA %.0fs",
+                report.rows_scanned,
+                self.total,
+                100.0 * report.rows_scanned / self.total if self.total else 100.0,
+                rate,
+                max(self.total - report.rows_scanned, 0) / rate if rate else float("inf"),
+            )
+            self.last_log = now
 
-
-def _log_progress(report: BackfillReport, total: int, elapsed: float) -> None:
-    rate = report.rows_scanned / elapsed if elapsed else 0.0
-    left = max(total - report.rows_scanned, 0)
-    eta = left / rate if rate else float("inf")
-    log.info(
-        "backfill: %d / %d rows (%.0f%%), %.0f rows/s, ETA %.0fs",
-        report.rows_scanned,
-        total,
-        100.0 * report.rows_scanned / total if total else 100.0,
-        rate,
-        eta,
-    )
+    def finish(self, connection: Connection) -> BackfillReport:
+        """Drop the progress table (the backfill is complete) and log the totals."""
+        connection.exec_driver_sql(f"DROP TABLE IF EXISTS {PROGRESS_TABLE}")
+        report = self.report
+        report.seconds = time.monotonic() - self.started
+        log.info(
+            "backfill: done, %d rows scanned, %d filled, %d orphan links removed, %.1fs",
+            report.rows_scanned,
+            report.rows_updated,
+            report.orphans_removed,
+            report.seconds,
+        )
+        return report
 
 
 def backfill(
@@ -194,13 +204,11 @@ def backfill_postgresql(
     low: tuple[str, str] = (saved[0], saved[1]) if saved is not None else ("", "")
     if saved is not None:
         log.info("backfill: resuming after key %r", low)
-    report = BackfillReport()
-    started = time.monotonic()
     total = connection.execute(
         text("SELECT count(*) FROM trace_sessions WHERE (trace_id, session_uid) > (:lo_trace, :lo_uid)"),
         {"lo_trace": low[0], "lo_uid": low[1]},
     ).scalar_one()
-    last_log = started
+    tracker = _Tracker(total, on_progress)
     while True:
         lo = {"lo_trace": low[0], "lo_uid": low[1]}
         bound = connection.execute(_PG_NEXT_BOUND, {**lo, "skip": batch_size - 1}).first()
@@ -218,23 +226,6 @@ def backfill_postgresql(
             orphans = connection.execute(_PG_DELETE_ORPHANS, bounds).rowcount
             updated = connection.execute(_PG_FILL, bounds).rowcount
             connection.execute(_PG_SAVE, {"task": TASK, "hi_trace": high[0], "hi_uid": high[1]})
-        report.rows_scanned += rows_in_batch
-        report.rows_updated += updated
-        report.orphans_removed += orphans
+        tracker.add(rows_in_batch, updated, orphans)
         low = high
-        now = time.monotonic()
-        if on_progress is not None:
-            on_progress(report.rows_scanned, max(total, report.rows_scanned))
-        if now - last_log >= 5:
-            _log_progress(report, total, now - started)
-            last_log = now
-    connection.exec_driver_sql(f"DROP TABLE IF EXISTS {PROGRESS_TABLE}")
-    report.seconds = time.monotonic() - started
-    log.info(
-        "backfill: done, %d rows scanned, %d filled, %d orphan links removed, %.1fs",
-        report.rows_scanned,
-        report.rows_updated,
-        report.orphans_removed,
-        report.seconds,
-    )
-    return report
+    return tracker.finish(connection)
