@@ -56,6 +56,13 @@ CREATE INDEX idx_traces_namespace ON traces(namespace);
 """
 LEGACY_DDL = LEGACY_TABLES_DDL + LEGACY_INDEXES_DDL
 
+# The same schema on PostgreSQL, as a port of the legacy implementation would have written it. One
+# deliberate difference: epoch seconds are DOUBLE PRECISION. SQLite's REAL is an 8-byte float, but
+# PostgreSQL's REAL is a 4-byte one (24-bit mantissa): at today's epoch it rounds to 128 seconds, so a
+# deployment that had used it would hold no usable timestamps. TEXT keeps the JSON exactly as written.
+LEGACY_TABLES_DDL_POSTGRESQL = LEGACY_TABLES_DDL.replace("REAL NOT NULL", "DOUBLE PRECISION NOT NULL")
+LEGACY_DDL_POSTGRESQL = LEGACY_TABLES_DDL_POSTGRESQL + LEGACY_INDEXES_DDL
+
 CHUNK_ROWS = 50_000
 # Mean size of an "other" session; the Zipf offset keeps the largest one well below the hot session.
 MEAN_SESSION_TRACES = 50
