@@ -211,15 +211,11 @@ class Statements:
         arms = []
         for uid in uids:
             link = aliased(TraceSession, name="ts")
-            arm = (
-                select(link.created_at, link.trace_id)
-                .where(link.session_uid == uid, link.created_at.is_not(None))
-                .order_by(link.created_at.desc(), link.trace_id.desc())
-            )
+            arm = select(link.created_at, link.trace_id).where(link.session_uid == uid, link.created_at.is_not(None))
             if since:
                 arm = arm.where(link.created_at >= bindparam("since"))
-            if limit:
-                arm = arm.limit(bindparam("limit"))
+            if limit:  # without a limit an arm's order is lost in the UNION anyway (PostgreSQL sorted each)
+                arm = arm.order_by(link.created_at.desc(), link.trace_id.desc()).limit(bindparam("limit"))
             ranked = arm.subquery()
             arms.append(select(ranked.c.created_at, ranked.c.trace_id))
         candidates = union(*arms).subquery("c") if len(arms) > 1 else arms[0].subquery("c")
