@@ -1,4 +1,9 @@
-"""Shared fixtures: temporary databases, upgraded stores (sync and async), PostgreSQL databases."""
+"""Shared fixtures: a database on each engine (`backend`), stores on it (sync and async), PostgreSQL databases.
+
+A test that takes `backend`, `store` or `async_store` runs twice, on SQLite and on PostgreSQL
+(`[sqlite]` / `[postgresql]` in its id); one that takes `db_path` is about SQLite files and runs
+once. The summary line counts the results per engine.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,36 @@ from pathlib import Path
 import pytest
 from sqlalchemy import URL, create_engine, make_url
 
+from tests.backends import NAMES, Backend
 from tracestore import AsyncTraceStore, TraceStore
+
+SQLITE_ONLY_FIXTURES = {"db_path", "db_url"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames and not SQLITE_ONLY_FIXTURES & set(metafunc.fixturenames):
+        metafunc.parametrize("backend", NAMES, indirect=True)
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "traces.db"
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """An empty database: a SQLite file, or a PostgreSQL database of its own (see `pg_url`)."""
+    name = getattr(request, "param", "sqlite")
+    if name == "sqlite":
+        path = tmp_path / "traces.db"
+        chosen = Backend(name, make_url(f"sqlite:///{path}"), path)
+    else:
+        chosen = Backend(name, request.getfixturevalue("pg_url"))
+    try:
+        yield chosen
+    finally:
+        chosen.dispose()
+
+
+@pytest.fixture
+def db_path(backend: Backend) -> Path:
+    assert backend.path is not None
+    return backend.path
 
 
 @pytest.fixture
@@ -24,15 +53,48 @@ def db_url(db_path: Path) -> str:
 
 
 @pytest.fixture
-def store(db_url: str) -> Iterator[TraceStore]:
-    with TraceStore(db_url) as trace_store:
+def store(backend: Backend) -> Iterator[TraceStore]:
+    with TraceStore(backend.url) as trace_store:
         yield trace_store
 
 
 @pytest.fixture
-async def async_store(db_path: Path) -> AsyncIterator[AsyncTraceStore]:
-    async with AsyncTraceStore(f"sqlite+aiosqlite:///{db_path}") as trace_store:
+async def async_store(backend: Backend) -> AsyncIterator[AsyncTraceStore]:
+    async with AsyncTraceStore(backend.async_url) as trace_store:
         yield trace_store
+
+
+def _engine_of(item: pytest.Item) -> str:
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "backend" in callspec.params:
+        return str(callspec.params["backend"])
+    return (
+        "postgresql"
+        if "pg_url" in getattr(item, "fixturenames", ()) or "pg_server_url" in getattr(item, "fixturenames", ())
+        else "sqlite"
+    )
+
+
+_outcomes: dict[str, dict[str, int]] = {name: {} for name in NAMES}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        engine = (report.user_properties and dict(report.user_properties).get("engine")) or "sqlite"
+        counts = _outcomes[str(engine)]
+        counts[report.outcome] = counts.get(report.outcome, 0) + 1
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.user_properties.append(("engine", _engine_of(item)))
+
+
+def pytest_terminal_summary(terminalreporter: object) -> None:
+    write_line = terminalreporter.write_line
+    for name in NAMES:
+        counts = _outcomes[name]
+        summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "no tests"
+        write_line(f"tracestore on {name}: {summary}")
 
 
 # -- PostgreSQL --------------------------------------------------------------------------------------------
@@ -58,7 +120,11 @@ def pg_url(pg_server_url: URL) -> Iterator[URL]:
     admin = create_engine(pg_server_url, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as connection:
-            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+            # Byte-order collation whatever the server's default, so ties on ids sort as on SQLite
+            # (README: PostgreSQL > collation); the "C" locale exists on every server.
+            connection.exec_driver_sql(
+                f"CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'"
+            )
         yield pg_server_url.set(drivername="postgresql+psycopg", database=name)
         with admin.connect() as connection:
             connection.exec_driver_sql(f'DROP DATABASE "{name}" WITH (FORCE)')
