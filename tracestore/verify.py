@@ -1,10 +1,17 @@
 """Whether a database still holds the schema's invariants (`tracestore verify`), and repairing the drift.
 
 Read-only unless asked to fix: the checks run in one read transaction (one snapshot). With fix=True,
-missing or drifted DDL (the session index, the triggers that keep the copy) is recreated in one short
-write transaction, and link drift (wrong or NULL created_at, orphan links) is repaired by the
-migrations' own batched backfill, each rowid range its own short write transaction. Schema revisions
-are never changed here (that is `tracestore upgrade`) and integrity_check failures are never "fixed".
+missing or drifted DDL (the session index, the triggers that keep the copy) is recreated, and link
+drift (wrong or NULL created_at, orphan links) is repaired by the migrations' own batched backfill,
+each key range its own short write transaction. Schema revisions are never changed here (that is
+`tracestore upgrade`) and a damaged SQLite file (integrity_check) is never "fixed".
+
+SQLite and PostgreSQL run the same seven checks; where the engines differ the check asks each its
+own question: the index's shape comes from PRAGMA index_xinfo or from pg_index (which also knows an
+INVALID index and its access method); "integrity" is PRAGMA integrity_check on SQLite and, on
+PostgreSQL, whether the tables' other indexes are valid; "foreign_keys" is PRAGMA foreign_key_check
+or a count of the rows each foreign key of the two tables should have refused (rows written with
+triggers off, e.g. session_replication_role = replica).
 """
 
 from __future__ import annotations
@@ -13,15 +20,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from tracestore import migrate
-from tracestore.backfill import DEFAULT_BATCH_SIZE, PROGRESS_TABLE, backfill_sqlite
+from tracestore.backfill import DEFAULT_BATCH_SIZE, PROGRESS_TABLE, backfill
 from tracestore.engine import create_engine, missing_sqlite_file, sync_url
-from tracestore.errors import StorageError, TraceStoreError
-from tracestore.models import SESSION_TIME_INDEX
+from tracestore.errors import StorageError
+from tracestore.models import SESSION_TIME_INDEX, SESSION_TIME_INDEX_COLUMNS, SESSION_TIME_INDEX_WHERE
+from tracestore.online import write_transaction
 from tracestore.schema import (
     BOUNDED_ANALYZE,
     REQUIRED_TRIGGERS,
@@ -51,7 +59,8 @@ _NEEDS_HEAD = (CREATED_AT, ORPHANS, INDEX, TRIGGER)
 # What fix=True repairs; orphan links are also what foreign_key_check reports.
 REPAIRABLE = frozenset({CREATED_AT, ORPHANS, INDEX, TRIGGER, FOREIGN_KEYS})
 
-_MISMATCHED = " FROM trace_sessions ts JOIN traces t ON t.id = ts.trace_id WHERE ts.created_at IS NOT t.created_at"
+# "IS NOT" is SQLite's null-safe inequality; PostgreSQL spells it IS DISTINCT FROM.
+_MISMATCHED = " FROM trace_sessions ts JOIN traces t ON t.id = ts.trace_id WHERE ts.created_at {is_not} t.created_at"
 _ORPHANED = " FROM trace_sessions ts WHERE NOT EXISTS (SELECT 1 FROM traces t WHERE t.id = ts.trace_id)"
 
 
@@ -76,6 +85,7 @@ class VerifyReport:
     repairs: list[str] = field(default_factory=list)
     # Why fix=True changed nothing although checks failed (schema below head, damaged file).
     not_repaired: str | None = None
+    dialect: str = "sqlite"
 
     @property
     def ok(self) -> bool:
@@ -91,7 +101,7 @@ class VerifyReport:
     @property
     def repairable(self) -> bool:
         """Whether fix=True would repair something that is wrong now."""
-        return _refusal(self.checks) is None and any(check.name in REPAIRABLE for check in self.problems)
+        return _refusal(self.checks, self.dialect) is None and any(check.name in REPAIRABLE for check in self.problems)
 
 
 def verify(
@@ -101,7 +111,8 @@ def verify(
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> VerifyReport:
-    """Check a SQLite database's schema and invariants; with fix=True repair what can be repaired, check again.
+    """Check a SQLite or PostgreSQL database's schema and invariants; with fix=True repair what can be
+    repaired, then check again.
 
     Without fix the database is only read. on_progress(done, total) follows the batched link repair.
     """
@@ -116,13 +127,11 @@ def verify(
             raise StorageError(f"no database at {missing}")
         engine, owned = create_engine(url), True
     try:
-        if engine.dialect.name != "sqlite":
-            raise TraceStoreError(f"verify checks SQLite databases only, not {engine.dialect.name}")
         with engine.connect() as connection:
             found = run_checks(connection)
-        report = VerifyReport(checks=found, found=found)
+        report = VerifyReport(checks=found, found=found, dialect=engine.dialect.name)
         if fix and not report.ok:
-            report.not_repaired = _refusal(found)
+            report.not_repaired = _refusal(found, report.dialect)
             if report.not_repaired is not None:
                 return report
             with engine.connect() as connection, freed_pages_not_zeroed(connection):
@@ -142,6 +151,7 @@ def run_checks(connection: Connection) -> list[Check]:
     revision = migrate.current_revision(connection)  # leaves the connection idle
     head = migrate.head_revision()
     at_head = revision == head
+    titles = _titles(connection.dialect.name)
     with connection.begin():
         checks = [_schema_check(connection, revision, head)]
         if at_head:
@@ -149,10 +159,13 @@ def run_checks(connection: Connection) -> list[Check]:
             checks += [_index_check(connection), _trigger_check(connection)]
         else:
             checks += [
-                Check(name, _TITLES[name], ok=False, problem="not checked: the schema is not at head")
+                Check(name, titles[name], ok=False, problem="not checked: the schema is not at head")
                 for name in _NEEDS_HEAD
             ]
-        checks += [_integrity_check(connection), _foreign_key_check(connection)]
+        if connection.dialect.name == "postgresql":
+            checks += [_pg_invalid_index_check(connection), _pg_foreign_key_check(connection)]
+        else:
+            checks += [_integrity_check(connection), _foreign_key_check(connection)]
     return checks
 
 
@@ -165,15 +178,30 @@ _TITLES = {
     INTEGRITY: "PRAGMA integrity_check",
     FOREIGN_KEYS: "PRAGMA foreign_key_check",
 }
+_PG_TITLES = {
+    **_TITLES,
+    INDEX: f"index {SESSION_TIME_INDEX} btree (session_uid, created_at, trace_id) WHERE created_at IS NOT NULL, valid",
+    TRIGGER: f"trigger {', '.join(REQUIRED_TRIGGERS)} (enabled)",
+    INTEGRITY: "every other index of traces and trace_sessions is valid (pg_index.indisvalid)",
+    FOREIGN_KEYS: "no row breaks a foreign key of traces or trace_sessions",
+}
+
+
+def _titles(dialect: str) -> dict[str, str]:
+    return _PG_TITLES if dialect == "postgresql" else _TITLES
+
+
+def _title(connection: Connection, name: str) -> str:
+    return _titles(connection.dialect.name)[name]
 
 
 def _schema_check(connection: Connection, revision: str | None, head: str) -> Check:
     if revision == head:
-        return Check(SCHEMA, _TITLES[SCHEMA], ok=True, details=(f"at {head} (head)",))
+        return Check(SCHEMA, _title(connection, SCHEMA), ok=True, details=(f"at {head} (head)",))
     url = connection.engine.url.render_as_string(hide_password=True)
     return Check(
         SCHEMA,
-        _TITLES[SCHEMA],
+        _title(connection, SCHEMA),
         ok=False,
         problem=f"at revision {revision or 'none (legacy or empty)'}, head is {head}: "
         f"run `tracestore upgrade --url {url}` (verify --fix does not run migrations)",
@@ -184,17 +212,23 @@ def _schema_check(connection: Connection, revision: str | None, head: str) -> Ch
 def _rows_check(connection: Connection, name: str, from_where: str, problem: str) -> Check:
     count = connection.execute(text("SELECT count(*)" + from_where)).scalar_one()
     if not count:
-        return Check(name, _TITLES[name], ok=True)
+        return Check(name, _title(connection, name), ok=True)
     sample = connection.execute(
         text("SELECT ts.trace_id, ts.session_uid, ts.created_at" + from_where + " LIMIT :n"), {"n": SAMPLE_ROWS}
     ).all()
     details = tuple(f"trace {trace_id!r}, session {uid!r}, created_at {created}" for trace_id, uid, created in sample)
-    return Check(name, _TITLES[name], ok=False, problem=problem.format(count=count), count=count, details=details)
+    return Check(
+        name, _title(connection, name), ok=False, problem=problem.format(count=count), count=count, details=details
+    )
 
 
 def _created_at_check(connection: Connection) -> Check:
+    is_not = "IS DISTINCT FROM" if connection.dialect.name == "postgresql" else "IS NOT"
     return _rows_check(
-        connection, CREATED_AT, _MISMATCHED, "{count} links whose created_at is not their trace's (or is NULL)"
+        connection,
+        CREATED_AT,
+        _MISMATCHED.format(is_not=is_not),
+        "{count} links whose created_at is not their trace's (or is NULL)",
     )
 
 
@@ -203,14 +237,74 @@ def _orphans_check(connection: Connection) -> Check:
 
 
 def _index_check(connection: Connection) -> Check:
-    drift = session_index_drift(connection)
+    drift = _pg_index_drift(connection) if connection.dialect.name == "postgresql" else session_index_drift(connection)
     if drift is None:
-        return Check(INDEX, _TITLES[INDEX], ok=True)
-    return Check(INDEX, _TITLES[INDEX], ok=False, problem=drift, count=1)
+        return Check(INDEX, _title(connection, INDEX), ok=True)
+    return Check(INDEX, _title(connection, INDEX), ok=False, problem=drift, count=1)
+
+
+# PostgreSQL's catalog knows what reflection smooths over: the access method, INVALID (a failed or
+# cancelled CREATE INDEX CONCURRENTLY: maintained by every write, used by no query), the predicate.
+_PG_INDEX = text(
+    "SELECT i.indrelid::regclass::text, am.amname, i.indisvalid, pg_get_expr(i.indpred, i.indrelid),"
+    " i.indexrelid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam"
+    " WHERE i.indexrelid = to_regclass(:name)"
+)
+# Key columns only (not INCLUDE); indoption bit 0 is DESC.
+_PG_INDEX_KEYS = text(
+    "SELECT pg_get_indexdef(i.indexrelid, k, false), (i.indoption[k - 1] & 1) = 1"
+    " FROM pg_index i, generate_series(1, i.indnkeyatts) AS k WHERE i.indexrelid = :oid ORDER BY k"
+)
+
+
+def _pg_index_drift(connection: Connection) -> str | None:
+    """Why idx_trace_sessions_uid_time differs from the model on PostgreSQL, or None."""
+    row = connection.execute(_PG_INDEX, {"name": SESSION_TIME_INDEX}).first()
+    if row is None:
+        return f"index {SESSION_TIME_INDEX} is missing"
+    table, method, valid, predicate, oid = row
+    if table != "trace_sessions":
+        return f"index {SESSION_TIME_INDEX} is on {table}, expected trace_sessions"
+    if method != "btree":
+        return f"index {SESSION_TIME_INDEX} is a {method} index, expected btree"
+    shape = tuple((str(column), bool(desc)) for column, desc in connection.execute(_PG_INDEX_KEYS, {"oid": oid}))
+    if shape != SESSION_TIME_INDEX_COLUMNS:
+        return f"index {SESSION_TIME_INDEX} is {shape}, expected {SESSION_TIME_INDEX_COLUMNS}"
+    where = _pg_predicate(predicate)
+    if where != _normalized(SESSION_TIME_INDEX_WHERE):
+        found = f"WHERE {where}" if where else "not partial"
+        return f"index {SESSION_TIME_INDEX} is {found}, expected WHERE {SESSION_TIME_INDEX_WHERE}"
+    if not valid:
+        return f"index {SESSION_TIME_INDEX} is INVALID (a failed or interrupted CREATE INDEX CONCURRENTLY)"
+    return None
+
+
+def _pg_predicate(predicate: str | None) -> str | None:
+    """pg_get_expr's predicate, normalized like SQLite's: "(created_at IS NOT NULL)" -> "CREATED_AT IS NOT NULL"."""
+    if predicate is None:
+        return None
+    where = predicate.strip()
+    while where.startswith("(") and where.endswith(")") and _balanced(where[1:-1]):
+        where = where[1:-1].strip()
+    return _normalized(where)
+
+
+def _balanced(sql: str) -> bool:
+    depth = 0
+    for char in sql:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _normalized(sql: str) -> str:
+    return " ".join(sql.split()).upper()
 
 
 def _trigger_check(connection: Connection) -> Check:
     missing = missing_copy_triggers(connection, REQUIRED_TRIGGERS)
+    missing += [name for name in _disabled_triggers(connection) if name in REQUIRED_TRIGGERS]
     rolling = [name for name in ROLLING_DEPLOY_TRIGGERS if name not in missing_copy_triggers(connection)]
     details = (
         (
@@ -220,25 +314,39 @@ def _trigger_check(connection: Connection) -> Check:
         if rolling
         else ("finalized: no rolling-deploy triggers",)
     )
+    title = _title(connection, TRIGGER)
     if not missing:
-        return Check(TRIGGER, _TITLES[TRIGGER], ok=True, details=details)
-    return Check(
-        TRIGGER,
-        _TITLES[TRIGGER],
-        ok=False,
-        problem=f"missing trigger: {', '.join(missing)}",
-        count=len(missing),
-        details=details,
+        return Check(TRIGGER, title, ok=True, details=details)
+    disabled = [name for name in missing if name in _disabled_triggers(connection)]
+    problems = (
+        [f"missing trigger: {', '.join(name for name in missing if name not in disabled)}"]
+        if (len(disabled) < len(missing))
+        else []
+    )
+    if disabled:
+        problems.append(f"disabled trigger: {', '.join(disabled)}")
+    return Check(TRIGGER, title, ok=False, problem="; ".join(problems), count=len(missing), details=details)
+
+
+def _disabled_triggers(connection: Connection) -> list[str]:
+    """PostgreSQL triggers that exist but do not fire in ordinary sessions (ALTER TABLE … DISABLE TRIGGER,
+    or ENABLE REPLICA TRIGGER); SQLite triggers cannot be disabled."""
+    if connection.dialect.name != "postgresql":
+        return []
+    return list(
+        connection.exec_driver_sql(
+            "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal AND tgenabled IN ('D', 'R') ORDER BY tgname"
+        ).scalars()
     )
 
 
 def _integrity_check(connection: Connection) -> Check:
     messages = [row[0] for row in connection.exec_driver_sql("PRAGMA integrity_check").all()]
     if messages == ["ok"]:
-        return Check(INTEGRITY, _TITLES[INTEGRITY], ok=True)
+        return Check(INTEGRITY, _title(connection, INTEGRITY), ok=True)
     return Check(
         INTEGRITY,
-        _TITLES[INTEGRITY],
+        _title(connection, INTEGRITY),
         ok=False,
         problem=f"{len(messages)} problems: the file is damaged; restore a backup (never repaired by verify)",
         count=len(messages),
@@ -246,17 +354,85 @@ def _integrity_check(connection: Connection) -> Check:
     )
 
 
+def _pg_invalid_index_check(connection: Connection) -> Check:
+    """PostgreSQL keeps its own pages consistent; what can be broken and go unnoticed is an INVALID index
+    (the session index has its own check, which --fix repairs; these are left to the operator)."""
+    invalid = list(
+        connection.execute(
+            text(
+                "SELECT i.indexrelid::regclass::text FROM pg_index i"
+                " WHERE i.indrelid IN (to_regclass('traces'), to_regclass('trace_sessions'))"
+                " AND NOT i.indisvalid AND i.indexrelid IS DISTINCT FROM to_regclass(:session_index) ORDER BY 1"
+            ),
+            {"session_index": SESSION_TIME_INDEX},
+        ).scalars()
+    )
+    title = _title(connection, INTEGRITY)
+    if not invalid:
+        return Check(INTEGRITY, title, ok=True)
+    return Check(
+        INTEGRITY,
+        title,
+        ok=False,
+        problem=f"{len(invalid)} INVALID indexes: rebuild them with REINDEX INDEX CONCURRENTLY (never repaired by "
+        "verify)",
+        count=len(invalid),
+        details=tuple(invalid[:SAMPLE_ROWS]),
+    )
+
+
 def _foreign_key_check(connection: Connection) -> Check:
     rows = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
     if not rows:
-        return Check(FOREIGN_KEYS, _TITLES[FOREIGN_KEYS], ok=True)
+        return Check(FOREIGN_KEYS, _title(connection, FOREIGN_KEYS), ok=True)
     return Check(
         FOREIGN_KEYS,
-        _TITLES[FOREIGN_KEYS],
+        _title(connection, FOREIGN_KEYS),
         ok=False,
         problem=f"{len(rows)} rows reference a missing parent",
         count=len(rows),
         details=tuple(f"{table} rowid {rowid} -> {parent}" for table, rowid, parent, _ in rows[:SAMPLE_ROWS]),
+    )
+
+
+def _pg_foreign_key_check(connection: Connection) -> Check:
+    """PRAGMA foreign_key_check's answer on PostgreSQL: the rows each foreign key should have refused.
+
+    The server enforces the constraints, but rows written with triggers off (session_replication_role =
+    replica, ALTER TABLE … DISABLE TRIGGER ALL) or before a NOT VALID constraint was added slip past it.
+    """
+    inspector = inspect(connection)
+    quote = connection.dialect.identifier_preparer.quote
+    tables = [table for table in ("traces", "trace_sessions") if inspector.has_table(table)]
+    count, details = 0, []
+    for table in tables:
+        for key in inspector.get_foreign_keys(table):
+            pairs = " AND ".join(
+                f"p.{quote(parent)} = c.{quote(child)}"
+                for child, parent in zip(key["constrained_columns"], key["referred_columns"], strict=True)
+            )
+            not_null = " AND ".join(f"c.{quote(child)} IS NOT NULL" for child in key["constrained_columns"])
+            from_where = (
+                f" FROM {quote(table)} c WHERE {not_null}"
+                f" AND NOT EXISTS (SELECT 1 FROM {quote(key['referred_table'])} p WHERE {pairs})"
+            )
+            found = connection.exec_driver_sql("SELECT count(*)" + from_where).scalar_one()
+            if not found:
+                continue
+            count += found
+            columns = ", ".join(quote(child) for child in key["constrained_columns"])
+            for values in connection.exec_driver_sql(f"SELECT {columns}{from_where} LIMIT {SAMPLE_ROWS}"):
+                details.append(f"{table} {tuple(values)!r} -> {key['referred_table']} ({key['name']})")
+    title = _title(connection, FOREIGN_KEYS)
+    if not count:
+        return Check(FOREIGN_KEYS, title, ok=True)
+    return Check(
+        FOREIGN_KEYS,
+        title,
+        ok=False,
+        problem=f"{count} rows reference a missing parent",
+        count=count,
+        details=tuple(details[:SAMPLE_ROWS]),
     )
 
 
@@ -269,25 +445,25 @@ def _repair(
 ) -> list[str]:
     failing = {check.name for check in found if not check.ok}
     repairs: list[str] = []
-    # The connection manages its own transactions (BEGIN IMMEDIATE per step); engine._on_begin stays out.
+    # The connection manages its own transactions (BEGIN IMMEDIATE per step on SQLite); engine._on_begin
+    # stays out. Back in the pool, engine._on_checkout hands transaction control back to the engine recipe.
     autocommit = connection.execution_options(isolation_level="AUTOCOMMIT")
-    # Back in the pool, engine._on_checkout hands transaction control back to the engine recipe.
     run = autocommit.exec_driver_sql
+    postgresql = autocommit.dialect.name == "postgresql"
+    if INDEX in failing and postgresql:
+        # Outside any transaction, CONCURRENTLY: writers carry on while the index is dropped and built.
+        _rebuild_session_index_concurrently(autocommit)
     if failing & {INDEX, TRIGGER}:
-        run("BEGIN IMMEDIATE")
-        try:
-            if INDEX in failing:
+        with write_transaction(autocommit):
+            if INDEX in failing and not postgresql:
                 autocommit.execute(drop_session_index())
                 autocommit.execute(create_session_index())
             if TRIGGER in failing:
+                # CREATE OR REPLACE on PostgreSQL also brings back a disabled trigger enabled.
                 for trigger in create_copy_triggers(REQUIRED_TRIGGERS, dialect=autocommit.dialect.name):
                     autocommit.execute(trigger)
-            run("COMMIT")
-        except BaseException:
-            run("ROLLBACK")
-            raise
         if INDEX in failing:
-            for statement in BOUNDED_ANALYZE:
+            for statement in ("ANALYZE trace_sessions",) if postgresql else BOUNDED_ANALYZE:
                 run(statement)
             repairs.append(f"recreated index {SESSION_TIME_INDEX} (it was: {_problem(found, INDEX)})")
         if TRIGGER in failing:
@@ -296,20 +472,30 @@ def _repair(
         # A leftover position (an interrupted earlier fix) would skip the rows before it: start over.
         run(f"DROP TABLE IF EXISTS {PROGRESS_TABLE}")
         started = time.monotonic()
-        backfill = backfill_sqlite(autocommit, batch_size=batch_size, on_progress=on_progress)
+        report = backfill(autocommit, batch_size=batch_size, on_progress=on_progress)
         repairs.append(
-            f"set created_at of {backfill.rows_updated} links and removed {backfill.orphans_removed} orphan "
-            f"links ({backfill.rows_scanned} links scanned in batches of {batch_size}, "
+            f"set created_at of {report.rows_updated} links and removed {report.orphans_removed} orphan "
+            f"links ({report.rows_scanned} links scanned in batches of {batch_size}, "
             f"{time.monotonic() - started:.2f} s)"
         )
     return repairs
 
 
-def _refusal(checks: list[Check]) -> str | None:
+def _rebuild_session_index_concurrently(connection: Connection) -> None:
+    """PostgreSQL: DROP INDEX CONCURRENTLY, then CREATE INDEX CONCURRENTLY from the model (autocommit)."""
+    quoted = connection.dialect.identifier_preparer.quote(SESSION_TIME_INDEX)
+    connection.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {quoted}")
+    sql = str(create_session_index().compile(dialect=connection.dialect))
+    connection.exec_driver_sql(sql.replace("CREATE INDEX", "CREATE INDEX CONCURRENTLY", 1))
+
+
+def _refusal(checks: list[Check], dialect: str) -> str | None:
     failing = {check.name for check in checks if not check.ok}
     if SCHEMA in failing:  # the other repairs assume head; `tracestore upgrade` is the repair
         return "the schema is not at head: run `tracestore upgrade` first"
-    if INTEGRITY in failing:  # writing to a damaged file can make it worse
+    # Writing to a damaged SQLite file can make it worse. An INVALID PostgreSQL index is not damage:
+    # the repairs go ahead and the check stays failed until the operator rebuilds it.
+    if INTEGRITY in failing and dialect == "sqlite":
         return "integrity_check failed: the file is damaged, restore a backup"
     return None
 
