@@ -204,6 +204,7 @@ def backfill_postgresql(
     low: tuple[str, str] = (saved[0], saved[1]) if saved is not None else ("", "")
     if saved is not None:
         log.info("backfill: resuming after key %r", low)
+    log.info("backfill: batch size %d", batch_size)
     total = connection.execute(
         text("SELECT count(*) FROM trace_sessions WHERE (trace_id, session_uid) > (:lo_trace, :lo_uid)"),
         {"lo_trace": low[0], "lo_uid": low[1]},

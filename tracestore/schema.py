@@ -100,7 +100,11 @@ def index_shape(connection: Connection, index: str) -> tuple[tuple[str, bool], .
 def session_index_drift(connection: Connection) -> str | None:
     """Why idx_trace_sessions_uid_time differs from the model (missing, ascending, other columns), or None."""
     if connection.dialect.name != "sqlite":
-        return None  # other dialects reflect sort order, so Alembic's own comparison covers them
+        # Columns and order: Alembic's own comparison (PostgreSQL reflection keeps DESC). Not what
+        # reflection hides: an interrupted CREATE INDEX CONCURRENTLY leaves an INVALID index.
+        if index_is_valid(connection, SESSION_TIME_INDEX) is False:
+            return f"index {SESSION_TIME_INDEX} is INVALID (an interrupted CREATE INDEX CONCURRENTLY)"
+        return None
     shape = index_shape(connection, SESSION_TIME_INDEX)
     if shape is None:
         return f"index {SESSION_TIME_INDEX} is missing"
@@ -238,6 +242,47 @@ def create_session_index() -> CreateIndex:
 
 def drop_session_index() -> DropIndex:
     return DropIndex(_session_index(), if_exists=True)
+
+
+def index_is_valid(connection: Connection, index: str) -> bool | None:
+    """PostgreSQL: whether `index` can answer queries; None if there is no such index.
+
+    A CREATE INDEX CONCURRENTLY that fails or is cancelled leaves its index behind marked INVALID:
+    every write keeps maintaining it, no query ever uses it, and IF NOT EXISTS skips over it.
+    """
+    valid = connection.execute(
+        text("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)"), {"name": index}
+    ).scalar()
+    return None if valid is None else bool(valid)
+
+
+def drop_index_concurrently(connection: Connection, index: str) -> None:
+    """PostgreSQL: DROP INDEX CONCURRENTLY IF EXISTS, which waits for running queries instead of
+    blocking every reader and writer of the table behind its lock. Needs an autocommit connection."""
+    quoted = connection.dialect.identifier_preparer.quote(index)
+    connection.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {quoted}")
+
+
+def create_session_index_concurrently(connection: Connection) -> bool:
+    """PostgreSQL: build idx_trace_sessions_uid_time with CREATE INDEX CONCURRENTLY (writers carry on)
+    and check it is valid; an INVALID one left by an interrupted build is dropped and built again.
+
+    Needs an autocommit connection. Returns whether an INVALID index was rebuilt.
+    """
+    from tracestore.errors import MigrationError
+
+    rebuilt = index_is_valid(connection, SESSION_TIME_INDEX) is False
+    if rebuilt:
+        drop_index_concurrently(connection, SESSION_TIME_INDEX)
+    sql = str(create_session_index().compile(dialect=connection.dialect))
+    assert sql.startswith("CREATE INDEX IF NOT EXISTS "), sql
+    connection.exec_driver_sql(sql.replace("CREATE INDEX", "CREATE INDEX CONCURRENTLY", 1))
+    if index_is_valid(connection, SESSION_TIME_INDEX) is not True:
+        raise MigrationError(
+            f"index {SESSION_TIME_INDEX} is not valid after CREATE INDEX CONCURRENTLY: run the upgrade again "
+            "(it drops and rebuilds an INVALID index)"
+        )
+    return rebuilt
 
 
 def refuse_dropping_traces(connection: Connection, *, drop_data: bool) -> None:

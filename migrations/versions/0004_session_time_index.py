@@ -21,7 +21,7 @@ import time
 from alembic import context, op
 
 from tracestore.online import read_into_cache, write_transaction
-from tracestore.schema import BOUNDED_ANALYZE, index_names
+from tracestore.schema import BOUNDED_ANALYZE, drop_index_concurrently, index_names
 
 revision = "0004"
 down_revision = "0003"
@@ -34,12 +34,16 @@ log = logging.getLogger("tracestore.migrate")
 def upgrade() -> None:
     connection = op.get_bind()
     with op.get_context().autocommit_block():
-        # DROP INDEX walks every page of the index under the write lock: read them first, without it.
-        if "idx_trace_sessions_uid" in index_names(connection, "trace_sessions"):
-            read_into_cache(connection, "trace_sessions", "idx_trace_sessions_uid")
-        started = time.monotonic()
-        with write_transaction(connection):
-            op.drop_index("idx_trace_sessions_uid", table_name="trace_sessions", if_exists=True)
+        if connection.dialect.name == "postgresql":
+            started = time.monotonic()
+            drop_index_concurrently(connection, "idx_trace_sessions_uid")  # no lock that stops writers
+        else:
+            # DROP INDEX walks every page of the index under the write lock: read them first, without it.
+            if "idx_trace_sessions_uid" in index_names(connection, "trace_sessions"):
+                read_into_cache(connection, "trace_sessions", "idx_trace_sessions_uid")
+            started = time.monotonic()
+            with write_transaction(connection):
+                op.drop_index("idx_trace_sessions_uid", table_name="trace_sessions", if_exists=True)
         dropped = time.monotonic()
     # PostgreSQL's ANALYZE samples a bounded number of rows by itself; SQLite's needs the limit.
     for statement in BOUNDED_ANALYZE if connection.dialect.name == "sqlite" else ("ANALYZE trace_sessions",):
