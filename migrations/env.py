@@ -47,8 +47,40 @@ def include_object(obj: Any, name: str | None, type_: str, reflected: bool, comp
     return not (type_ == "index" and name == SESSION_TIME_INDEX and context.get_bind().dialect.name == "sqlite")
 
 
+def ignore_primary_key_nullability(migration_context: Any, directives: list[Any]) -> None:
+    """Drop "make traces.id NOT NULL" on engines other than SQLite.
+
+    The model keeps `id` nullable because SQLite's legacy `id TEXT PRIMARY KEY` is (models.Trace);
+    PostgreSQL makes every primary key column NOT NULL whatever the DDL says, so there it is no drift.
+    """
+    if migration_context.connection.dialect.name == "sqlite" or not directives:
+        return
+    primary_keys = {(table.name, column.name) for table in Base.metadata.sorted_tables for column in table.primary_key}
+    for table_ops in directives[0].upgrade_ops.ops:
+        if isinstance(table_ops, ops.ModifyTableOps):
+            table_ops.ops = [
+                op
+                for op in table_ops.ops
+                if not (
+                    isinstance(op, ops.AlterColumnOp)
+                    and (table_ops.table_name, op.column_name) in primary_keys
+                    and op.modify_nullable is not None
+                    and op.modify_type is None
+                    and op.modify_name is None
+                    and op.modify_server_default is False
+                    and op.modify_comment is False
+                )
+            ]
+    directives[0].upgrade_ops.ops = [
+        table_ops
+        for table_ops in directives[0].upgrade_ops.ops
+        if not (isinstance(table_ops, ops.ModifyTableOps) and not table_ops.ops)
+    ]
+
+
 def check_session_index(migration_context: Any, revision: Any, directives: list[Any]) -> None:
     """Make `alembic check` / autogenerate see drift of the partial index that reflection cannot show."""
+    ignore_primary_key_nullability(migration_context, directives)
     drift = session_index_drift(migration_context.connection)
     if drift is None or not directives:
         return

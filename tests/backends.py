@@ -136,9 +136,9 @@ class Backend:
             for statement in ddl.split(";"):
                 if statement.strip():
                     connection.exec_driver_sql(statement)
+            trace_rows, link_rows = [], []
             for trace_id, context_type, namespace, data, metadata, created, updated, sessions in rows:
-                connection.execute(
-                    insert_trace,
+                trace_rows.append(
                     {
                         "id": trace_id,
                         "type": context_type,
@@ -147,10 +147,12 @@ class Backend:
                         "meta": json.dumps(metadata),
                         "created": created,
                         "updated": updated,
-                    },
+                    }
                 )
-                for uid in sessions:
-                    connection.execute(insert_link, {"id": trace_id, "uid": uid})
+                link_rows += [{"id": trace_id, "uid": uid} for uid in sessions]
+            for statement, values in ((insert_trace, trace_rows), (insert_link, link_rows)):
+                if values:
+                    connection.execute(statement, values)
             orphans = [{"id": trace_id, "uid": uid} for trace_id, uid in orphan_links]
             if orphans:
                 # The legacy SQLite implementation never turned foreign keys on, so links outlived their
