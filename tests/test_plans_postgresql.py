@@ -109,6 +109,17 @@ def test_a_limit_stops_the_index_walk_after_n_entries(
     assert index_rows(plan) == [100], plan  # 100 entries read out of the session's 50,000
 
 
+@pytest.mark.parametrize("session_uid", ["hot", "other", "s7"])
+def test_answers_on_the_planner_database_match_the_oracle(
+    planner_db: tuple[Backend, TraceStore], session_uid: str
+) -> None:
+    backend, store = planner_db
+    for args in ({"limit": 100}, {"since": END - 4_000}, {"since": END - 90_000, "until": END - 80_000, "limit": 7}):
+        assert store.query(session_uid=session_uid, **args) == backend.sql_oracle_query(  # type: ignore[arg-type]
+            session_uid=session_uid, **args
+        )
+
+
 def test_a_page_deep_in_the_session_reads_only_its_own_entries(planner_db: tuple[Backend, TraceStore]) -> None:
     backend, store = planner_db
     for depth in (1, 1_000, 40_000):  # the cursor of the last trace of page 1, ~page 10, ~page 400

@@ -191,26 +191,32 @@ def test_statements_are_built_once() -> None:
         assert getattr(statements, name) is getattr(statements, name)
 
 
-def test_values_are_bound_never_inlined() -> None:
+DIALECTS = {"sqlite": sqlite.dialect(), "postgresql": postgresql.dialect()}
+
+
+@pytest.mark.parametrize("dialect_name", DIALECTS)
+def test_values_are_bound_never_inlined(dialect_name: str) -> None:
     # Same shape, different values: the very same statement object, values only in the parameters.
-    statements = statements_for("sqlite")
+    statements = statements_for(dialect_name)
     args: dict[str, Any] = {"namespace": "n'; DROP TABLE traces; --", "context_type": None, "until": None}
     first, first_params = query_statement(statements, session_uid="a", since=1.0, limit=5, **args)
     second, second_params = query_statement(statements, session_uid="b", since=2.0, limit=9, **args)
     assert first is second
     assert first_params != second_params
-    sql = str(first.compile(dialect=sqlite.dialect()))
+    sql = str(first.compile(dialect=DIALECTS[dialect_name]))
     for value in ("DROP TABLE", "'a'", "1.0"):
         assert value not in sql
 
 
-def test_session_statement_filters_and_sorts_on_the_junction() -> None:
-    stmt = statements_for("sqlite").session_traces(
+@pytest.mark.parametrize("dialect_name", DIALECTS)
+def test_session_statement_filters_and_sorts_on_the_junction(dialect_name: str) -> None:
+    stmt = statements_for(dialect_name).session_traces(
         since=True, until=True, limit=True, namespace=False, context_type=False
     )
-    sql = " ".join(str(stmt.compile(dialect=sqlite.dialect())).split())
+    sql = " ".join(str(stmt.compile(dialect=DIALECTS[dialect_name])).split())
     assert "ORDER BY ts.created_at DESC, ts.trace_id DESC" in sql
-    assert "ts.created_at >= ?" in sql and "ts.created_at < ?" in sql
+    marker = "?" if dialect_name == "sqlite" else "%(since)s"
+    assert f"ts.created_at >= {marker}" in sql and "ts.created_at < " in sql
     assert "traces.created_at >=" not in sql
 
 
