@@ -124,7 +124,10 @@ class Statements:
         migration 0002 creates (it also covers writers of the previous release).
         """
         stmt = _insert(self.dialect_name)(links).values({name: bindparam(name) for name in LINK_COLUMNS})
-        return stmt.on_conflict_do_nothing(index_elements=[links.c.trace_id, links.c.session_uid])  # type: ignore[no-any-return]
+        # No conflict target: the primary key is the only unique constraint, (trace_id, session_uid) here
+        # and (trace_id, session_uid, created_at) on a partitioned trace_sessions (tracestore.partitioning),
+        # where ON CONFLICT (trace_id, session_uid) finds no matching unique index.
+        return stmt.on_conflict_do_nothing()  # type: ignore[no-any-return]
 
     @property
     @cache  # noqa: B019
