@@ -9,13 +9,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import URL, create_engine, event, text
+from sqlalchemy import URL, Connection, create_engine, event, text
 
 from tests.backends import Backend
-from tracestore import TraceStore
+from tracestore import MigrationError, TraceStore, online
 from tracestore.migrate import current_revision, head_revision, upgrade
 from tracestore.models import SESSION_TIME_INDEX
-from tracestore.schema import index_is_valid, session_index_drift
+from tracestore.schema import column_names, index_is_valid, session_index_drift
 
 from .oracle import oracle_query
 from .test_migrations import legacy_rows, legacy_traces
@@ -122,3 +122,71 @@ def test_index_ddl_runs_outside_transactions(pg: Backend) -> None:
         "(session_uid, created_at, trace_id) WHERE created_at IS NOT NULL",
         "DROP INDEX CONCURRENTLY IF EXISTS idx_trace_sessions_uid",
     ], statements
+
+
+def hold_a_read_lock(pg: Backend) -> Connection:
+    """A transaction that has read trace_sessions and stays open: it holds ACCESS SHARE on the table."""
+    connection = pg.engine.connect()
+    connection.exec_driver_sql("BEGIN")
+    connection.exec_driver_sql("SELECT count(*) FROM trace_sessions")
+    return connection
+
+
+def test_add_column_steps_aside_for_a_long_transaction_and_never_stalls_readers(
+    pg: Backend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ALTER TABLE queued behind a long transaction would make every new query of the table queue
+    behind it. With a lock timeout per try, readers arriving meanwhile wait at most that long."""
+    pg.create_legacy(legacy_rows())
+    upgrade(pg.url, "0001")
+    monkeypatch.setattr(online, "LOCK_TIMEOUT_MS", 200)
+    long_transaction = hold_a_read_lock(pg)
+    failure: list[BaseException] = []
+
+    def run_0002() -> None:
+        try:
+            upgrade(pg.url, "0002")
+        except BaseException as exc:
+            failure.append(exc)
+
+    with caplog.at_level(logging.INFO, logger="tracestore.migrate"):
+        migration = threading.Thread(target=run_0002)
+        migration.start()
+        try:
+            wait_for(lambda: any("table lock busy" in r.getMessage() for r in caplog.records))
+            reader_waits = []
+            for _ in range(5):  # readers arriving while the migration keeps trying
+                started = time.monotonic()
+                assert pg.rows("SELECT count(*) FROM trace_sessions")[0][0] > 0
+                reader_waits.append(time.monotonic() - started)
+            assert max(reader_waits) < 1.0, reader_waits  # at most about one 0.2 s try, never the whole wait
+            assert migration.is_alive()  # still waiting for the long transaction
+        finally:
+            long_transaction.rollback()
+            long_transaction.close()
+        migration.join(60)
+    assert not failure, failure
+    assert current_revision(pg.url) == "0002"
+    with pg.raw() as connection:
+        assert "created_at" in column_names(connection, "trace_sessions")
+
+
+def test_add_column_gives_up_with_a_clear_error_and_changes_nothing(
+    pg: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pg.create_legacy(legacy_rows())
+    upgrade(pg.url, "0001")
+    before = pg.dump()
+    monkeypatch.setattr(online, "LOCK_TIMEOUT_MS", 100)
+    monkeypatch.setattr(online, "LOCK_WAIT_SECONDS", 0.5)
+    long_transaction = hold_a_read_lock(pg)
+    try:
+        with pytest.raises(MigrationError, match=r"could not take its table lock .* a long transaction holds"):
+            upgrade(pg.url, "0002")
+    finally:
+        long_transaction.rollback()
+        long_transaction.close()
+    assert pg.dump() == before  # no column, no trigger, no index, still 0001
+    assert current_revision(pg.url) == "0001"
+    upgrade(pg.url)  # and once the transaction has ended, the upgrade goes through
+    assert current_revision(pg.url) == head_revision()

@@ -15,16 +15,29 @@ dropping idx_trace_sessions_uid took 0.54 s in one run and 2.62 s in another, wi
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
+
+from tracestore.errors import MigrationError
+
+log = logging.getLogger("tracestore.migrate")
+T = TypeVar("T")
 
 # sqliteDefaultBusyCallback's sleeps, in milliseconds; after the last one it keeps polling at that rate.
 BUSY_HANDLER_DELAYS_MS = (1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50, 100)
 # How long RESTART may wait for other connections' transactions; it holds the write lock meanwhile.
 CHECKPOINT_WAIT_MS = 100
+# PostgreSQL: how long one try of a DDL step may queue for its table lock, and for how long it is
+# tried again before the migration gives up (see ddl_step).
+LOCK_TIMEOUT_MS = 2_000
+LOCK_WAIT_SECONDS = 600.0
+LOCK_NOT_AVAILABLE = "55P03"
 
 
 def pause_for_waiting_writers(held_seconds: float) -> float:
@@ -103,3 +116,38 @@ def read_into_cache(connection: Connection, table: str, index: str | None = None
         return
     source = f"{table} INDEXED BY {index}" if index else f"{table} NOT INDEXED"
     connection.exec_driver_sql(f"SELECT count(*) FROM {source}").scalar()
+
+
+def ddl_step(connection: Connection, step: Callable[[], T], *, what: str) -> T:
+    """Run `step` (schema changes) in one write transaction; on PostgreSQL, without stalling the table.
+
+    ALTER TABLE and CREATE TRIGGER need a table lock that conflicts with every reader. Queued behind
+    one long transaction, the lock request would in turn make every new query of the table queue
+    behind it: an outage for as long as that transaction runs. So each try waits at most
+    LOCK_TIMEOUT_MS for the lock, rolls back and steps aside on timeout, and tries again until
+    LOCK_WAIT_SECONDS have passed; then MigrationError, with nothing of the step applied.
+    SQLite: one write transaction (its writers queue on the database lock, see write_transaction).
+    """
+    if connection.dialect.name == "sqlite":
+        with write_transaction(connection):
+            return step()
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            with write_transaction(connection):
+                connection.exec_driver_sql(f"SET LOCAL lock_timeout = {int(LOCK_TIMEOUT_MS)}")
+                return step()
+        except DBAPIError as exc:
+            code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+            if code != LOCK_NOT_AVAILABLE:
+                raise
+            if time.monotonic() >= deadline:
+                raise MigrationError(
+                    f"{what}: could not take its table lock in {tries} tries over {LOCK_WAIT_SECONDS:.0f}s; a"
+                    " long transaction holds a conflicting lock (see pg_locks / pg_stat_activity). Nothing"
+                    " of this step was applied; run the upgrade again when it has ended."
+                ) from exc
+            log.info("%s: table lock busy (try %d), stepping aside and trying again", what, tries)
+            time.sleep(min(0.05 * tries, 1.0))

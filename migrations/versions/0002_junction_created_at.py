@@ -17,9 +17,11 @@ step is written to be run again, so a run killed between them is finished by the
    its own rows. A full CREATE INDEX after the backfill held the write lock for the whole sort (31 s
    at 10M traces).
 
-On PostgreSQL, steps 2 and 3 are DROP/CREATE INDEX CONCURRENTLY outside any transaction, so neither
-holds a lock that stops writers; a build interrupted last time (an INVALID index) is dropped and
-built again, and the new index is checked valid before the revision is recorded.
+On PostgreSQL, step 1 waits for its table locks at most online.LOCK_TIMEOUT_MS per try (queued
+behind a long transaction, it would stall every query of the table), and steps 2 and 3 are
+DROP/CREATE INDEX CONCURRENTLY outside any transaction, so neither holds a lock that stops writers.
+A build interrupted last time (an INVALID index) is dropped and built again, and the new index is
+checked valid before the revision is recorded.
 
 Revision ID: 0002
 Revises: 0001
@@ -34,7 +36,7 @@ import sqlalchemy as sa
 from alembic import context, op
 
 from tracestore.models import SESSION_TIME_INDEX, EpochSeconds
-from tracestore.online import read_into_cache, write_transaction
+from tracestore.online import ddl_step, read_into_cache, write_transaction
 from tracestore.schema import (
     column_names,
     create_copy_triggers,
@@ -68,8 +70,7 @@ def upgrade() -> None:
     timings: dict[str, float] = {}
     with op.get_context().autocommit_block():
         started = time.monotonic()
-        with write_transaction(connection):
-            _add_column_and_triggers()
+        ddl_step(connection, _add_column_and_triggers, what="add trace_sessions.created_at and its triggers")
         timings["add_column_seconds"] = time.monotonic() - started
 
         started = time.monotonic()
