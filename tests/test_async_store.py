@@ -46,7 +46,7 @@ def test_same_public_names() -> None:
     assert public_names(AsyncTraceStore) == public_names(TraceStore)
 
 
-@pytest.mark.parametrize("name", sorted(public_names(TraceStore) - {"engine"}))
+@pytest.mark.parametrize("name", sorted(public_names(TraceStore) - {"engine", "read_engine"}))
 def test_same_signature_and_awaitable(name: str) -> None:
     sync_method = getattr(TraceStore, name)
     async_method = getattr(AsyncTraceStore, name, None)
@@ -65,8 +65,9 @@ def test_same_constructor() -> None:
     assert comparable(async_signature, skip_default="url_or_engine") == comparable(
         sync_signature, skip_default="url_or_engine"
     )
-    assert isinstance(inspect.getattr_static(AsyncTraceStore, "engine"), property)
-    assert isinstance(inspect.getattr_static(TraceStore, "engine"), property)
+    for name in ("engine", "read_engine"):
+        assert isinstance(inspect.getattr_static(AsyncTraceStore, name), property)
+        assert isinstance(inspect.getattr_static(TraceStore, name), property)
 
 
 def parity_traces() -> list[TraceContext]:

@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tracestore.engine import SINGLE_STATEMENT_READ, WRITE, configure_async_engine, create_async_engine
+from tracestore.errors import StorageError
 from tracestore.migrate import at_head, ensure_head
 from tracestore.queries import (
     LINK_COLUMNS,
@@ -52,7 +53,13 @@ class AsyncTraceStore:
     The schema check (and upgrade, with `auto_upgrade=True`) runs on first use or in `__aenter__`.
     """
 
-    def __init__(self, url_or_engine: str | AsyncEngine = DEFAULT_URL, *, auto_upgrade: bool = True) -> None:
+    def __init__(
+        self,
+        url_or_engine: str | AsyncEngine = DEFAULT_URL,
+        *,
+        auto_upgrade: bool = True,
+        read_engine: str | AsyncEngine | None = None,
+    ) -> None:
         owned = not isinstance(url_or_engine, AsyncEngine)
         engine = (
             create_async_engine(url_or_engine)
@@ -61,8 +68,17 @@ class AsyncTraceStore:
         )
         self._engine = engine
         self._owned = owned
+        # Where reads go (see TraceStore): `read_engine`, owned when given as a URL, else the same engine.
+        self._reader = engine
+        self._reader_owned = False
+        if read_engine is not None:
+            self._reader_owned = isinstance(read_engine, str)
+            if isinstance(read_engine, str):
+                self._reader = create_async_engine(read_engine)
+            else:
+                self._reader = configure_async_engine(read_engine)
         self._write_engine = engine.execution_options(**{WRITE: True})
-        self._read_engine = engine.execution_options(**{SINGLE_STATEMENT_READ: True})
+        self._read_engine = self._reader.execution_options(**{SINGLE_STATEMENT_READ: True})
         self._sql: Statements = statements_for(engine.dialect.name)
         self._auto_upgrade = auto_upgrade
         self._ready = False
@@ -73,12 +89,21 @@ class AsyncTraceStore:
     def engine(self) -> AsyncEngine:
         return self._engine
 
+    @property
+    def read_engine(self) -> AsyncEngine:
+        """The engine reads go to: `read_engine` if one was given, else `engine`."""
+        return self._reader
+
     async def _open(self) -> None:
         """Check (or upgrade) the schema once: on `async with` or the first operation (__init__ cannot await)."""
         async with self._opening:
             if self._ready:
                 return
             try:
+                if self._reader.dialect.name != self._engine.dialect.name:  # the statements are per dialect
+                    raise StorageError(
+                        f"the read engine is {self._reader.dialect.name}, the store's is {self._engine.dialect.name}"
+                    )
                 _refuse_missing_file(self._engine.url, auto_upgrade=self._auto_upgrade)
                 async with self._engine.connect() as conn:
                     # True while an upgrade is unfinished (see migrate.ensure_head): session queries
@@ -86,6 +111,10 @@ class AsyncTraceStore:
                     self._migrating = await conn.run_sync(
                         lambda sync_conn: ensure_head(sync_conn, auto_upgrade=self._auto_upgrade)
                     )
+                if self._reader is not self._engine and not self._migrating:
+                    # A replica replays the upgrade after the primary: until its own revision is head
+                    # it gets the legacy join too, which returns the same rows at any revision.
+                    await self._still_migrating()
             except SQLAlchemyError as exc:
                 raise storage_error(f"cannot open {self._engine.url!r}", exc) from exc
             self._ready = True
@@ -203,15 +232,15 @@ class AsyncTraceStore:
             self._sql, session_uid=session_uid, since=since, limit=limit, migrating=migrating, **filters
         )
         try:
-            async with self._engine.connect() as conn:
+            async with self._reader.connect() as conn:
                 return await _plan(conn, stmt, params)
         except SQLAlchemyError as exc:
             raise storage_error("explain failed", exc) from exc
 
     async def _still_migrating(self) -> bool:
-        """Re-read the revision; once the upgrade reached head, switch to the fast query for good."""
+        """Re-read the revision where reads go; once it reached head, switch to the fast query for good."""
         try:
-            async with self._engine.connect() as conn:
+            async with self._reader.connect() as conn:
                 self._migrating = not await conn.run_sync(at_head)
         except SQLAlchemyError as exc:
             raise storage_error("cannot read the schema revision", exc) from exc
@@ -233,26 +262,28 @@ class AsyncTraceStore:
     async def _fetch(self, stmt: Any, params: dict[str, Any]) -> list[Any]:
         if not self._ready:
             await self._open()
-        query = self._driver_sql(stmt)
+        query = compiled(stmt, self._reader.dialect)
         args = query.args(params)
         try:
             async with self._read_engine.connect() as conn:
                 if plan_log.isEnabledFor(logging.DEBUG):
                     plan_log.debug("plan:\n  %s", "\n  ".join(await _plan(conn, stmt, params)))
-                if self._engine.dialect.driver == "aiosqlite":
+                if self._reader.dialect.driver == "aiosqlite":
                     # One thread round trip instead of five (cursor, execute, fetchall, close through
                     # SQLAlchemy's adapter): 3.8x -> 2.0x of raw sqlite3 on a latest-100 read. The price:
                     # these reads do not fire SQLAlchemy's cursor events or echo.
                     raw = await conn.get_raw_connection()
                     return list(await raw.driver_connection.execute_fetchall(query.sql, args))  # type: ignore[union-attr]
                 return list((await conn.exec_driver_sql(query.sql, args)).all())
-        except (SQLAlchemyError, self._engine.dialect.loaded_dbapi.Error) as exc:
+        except (SQLAlchemyError, self._reader.dialect.loaded_dbapi.Error) as exc:
             raise storage_error("query failed", exc) from exc
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def close(self) -> None:
         if self._owned:
             await self._engine.dispose()
+        if self._reader_owned:
+            await self._reader.dispose()
 
     async def __aenter__(self) -> AsyncTraceStore:
         await self._open()

@@ -11,7 +11,7 @@ from sqlalchemy import URL, Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from tracestore.engine import SINGLE_STATEMENT_READ, WRITE, configure_engine, create_engine, missing_sqlite_file
-from tracestore.errors import SchemaOutOfDateError
+from tracestore.errors import SchemaOutOfDateError, StorageError
 from tracestore.migrate import at_head, ensure_head
 from tracestore.queries import (
     LINK_COLUMNS,
@@ -47,13 +47,25 @@ class TraceStore:
     `TraceStore(url_or_engine)` takes a URL (the store owns and disposes the engine) or an existing
     Engine (SQLite connections get tracestore's pragmas). A database below the head revision is
     upgraded on open (`auto_upgrade=True`, the embedded default) or refused with SchemaOutOfDateError.
+    `read_engine` (URL or Engine, same rules): reads go there, e.g. to a streaming replica; they see
+    what it has replayed, so a write is not promised to be visible to the next read.
     """
 
-    def __init__(self, url_or_engine: str | Engine = DEFAULT_URL, *, auto_upgrade: bool = True) -> None:
+    def __init__(
+        self,
+        url_or_engine: str | Engine = DEFAULT_URL,
+        *,
+        auto_upgrade: bool = True,
+        read_engine: str | Engine | None = None,
+    ) -> None:
         owned = not isinstance(url_or_engine, Engine)
         engine = create_engine(url_or_engine) if isinstance(url_or_engine, str) else configure_engine(url_or_engine)
         self._engine = engine
         self._owned = owned
+        # Where reads go: the same engine, or `read_engine` (e.g. a streaming replica), owned like the
+        # main one when given as a URL. Writes, deletes and the schema check stay on the main engine.
+        self._reader = engine
+        self._reader_owned = False
         # Engine views (shared pool): writes BEGIN IMMEDIATE so writers queue on the lock instead of
         # failing; reads are single statements, each its own snapshot (see engine._on_begin).
         self._write_engine = engine.execution_options(**{WRITE: True})
@@ -61,10 +73,17 @@ class TraceStore:
         self._sql: Statements = statements_for(engine.dialect.name)
         self._migrating = False
         try:
+            if read_engine is not None:
+                self._reader, self._reader_owned = _read_engine(read_engine, engine)
+                self._read_engine = self._reader.execution_options(**{SINGLE_STATEMENT_READ: True})
             _refuse_missing_file(engine.url, auto_upgrade=auto_upgrade)
             # True while an upgrade is unfinished (see migrate.ensure_head): session queries then
             # use the legacy join, which does not depend on the backfilled copy.
             self._migrating = ensure_head(engine, auto_upgrade=auto_upgrade)
+            if self._reader is not engine and not self._migrating:
+                # A replica replays the upgrade after the primary: until its own revision is head it
+                # gets the legacy join too, which returns the same rows at any revision.
+                self._still_migrating()
         except SQLAlchemyError as exc:
             self.close()
             raise storage_error(f"cannot open {engine.url!r}", exc) from exc
@@ -75,6 +94,11 @@ class TraceStore:
     @property
     def engine(self) -> Engine:
         return self._engine
+
+    @property
+    def read_engine(self) -> Engine:
+        """The engine reads go to: `read_engine` if one was given, else `engine`."""
+        return self._reader
 
     # -- writes -----------------------------------------------------------------------------------
     def store(self, trace: TraceContext) -> None:
@@ -205,15 +229,15 @@ class TraceStore:
             self._sql, session_uid=session_uid, since=since, limit=limit, migrating=migrating, **filters
         )
         try:
-            with self._engine.connect() as conn:
+            with self._reader.connect() as conn:
                 return _plan(conn, stmt, params)
         except SQLAlchemyError as exc:
             raise storage_error("explain failed", exc) from exc
 
     def _still_migrating(self) -> bool:
-        """Re-read the revision; once the upgrade reached head, switch to the fast query for good."""
+        """Re-read the revision where reads go; once it reached head, switch to the fast query for good."""
         try:
-            with self._engine.connect() as conn:
+            with self._reader.connect() as conn:
                 self._migrating = not at_head(conn)
         except SQLAlchemyError as exc:
             raise storage_error("cannot read the schema revision", exc) from exc
@@ -223,7 +247,7 @@ class TraceStore:
         return compiled(stmt, self._engine.dialect)
 
     def _fetch(self, stmt: Any, params: dict[str, Any]) -> list[Any]:
-        query = self._driver_sql(stmt)
+        query = compiled(stmt, self._reader.dialect)
         try:
             with self._read_engine.connect() as conn:
                 if plan_log.isEnabledFor(logging.DEBUG):
@@ -236,14 +260,16 @@ class TraceStore:
                     return list(cursor.fetchall())
                 finally:
                     cursor.close()
-        except (SQLAlchemyError, self._engine.dialect.loaded_dbapi.Error) as exc:
+        except (SQLAlchemyError, self._reader.dialect.loaded_dbapi.Error) as exc:
             raise storage_error("query failed", exc) from exc
 
     # -- lifecycle --------------------------------------------------------------------------------
     def close(self) -> None:
-        """Dispose of the engine if the store created it (an engine passed in stays the caller's)."""
+        """Dispose of the engines the store created (an engine passed in stays the caller's)."""
         if self._owned:
             self._engine.dispose()
+        if self._reader_owned:
+            self._reader.dispose()
 
     def __enter__(self) -> TraceStore:
         return self
@@ -259,6 +285,16 @@ def _refuse_missing_file(url: URL, *, auto_upgrade: bool) -> None:
     path = missing_sqlite_file(url)
     if path is not None and not auto_upgrade:
         raise SchemaOutOfDateError(f"no database at {path}: run `tracestore upgrade --url {url}` to create one")
+
+
+def _read_engine(read_engine: str | Engine, engine: Engine) -> tuple[Engine, bool]:
+    """The read engine and whether the store owns it; the same backend as `engine` (the statements are per dialect)."""
+    reader = create_engine(read_engine) if isinstance(read_engine, str) else configure_engine(read_engine)
+    if reader.dialect.name != engine.dialect.name:
+        if isinstance(read_engine, str):
+            reader.dispose()
+        raise StorageError(f"the read engine is {reader.dialect.name}, the store's is {engine.dialect.name}")
+    return reader, isinstance(read_engine, str)
 
 
 def _plan(conn: Connection, stmt: Any, params: dict[str, Any]) -> list[str]:
