@@ -30,6 +30,7 @@ from tracestore.errors import MigrationError, StorageError
 from tracestore.migrate import current_revision, finalize, head_revision, upgrade
 from tracestore.models import SESSION_TIME_INDEX
 from tracestore.partitioning import OLD_PARTITION, add_partitions, drop_partitions_before, partition, partitions
+from tracestore.verify import verify
 
 
 # -- the streaming replica ---------------------------------------------------------------------------------
@@ -337,6 +338,8 @@ def test_partitioned_trace_sessions_answer_like_the_oracle(pg_url: URL) -> None:
         assert store.get_by_session_uid("s0", limit=1) == [future]
         assert store.delete(traces[4].id) and store.get(traces[4].id) is None
     assert link_drift(pg_url) == 0
+    report = verify(url)  # its seven checks read the partitioned table like the plain one
+    assert report.ok, [check for check in report.checks if not check.ok]
 
 
 def test_latest_100_on_partitions_prunes_and_never_sorts(pg_url: URL) -> None:
