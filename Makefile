@@ -28,7 +28,7 @@ lint: venv  ## ruff and mypy
 	$(BIN)/mypy
 
 bench: venv  ## the benchmark suite: JSON, table and plots into benchmarks/results/$(SCALE)/ (SCALE=1m ~ 4 min; 10m ~ 25 min)
-	$(BIN)/python benchmarks/suite.py --scale $(SCALE)
+	TRACESTORE_PG_OPTIONS="-c shared_buffers=2GB $${TRACESTORE_PG_OPTIONS:-}" scripts/with-postgres $(BIN)/python benchmarks/suite.py --scale $(SCALE)
 
 bench-migration: venv  ## upgrade a legacy file under a live writer, then a kill -9 / rerun (SCALE=1m; 10m ~ 15 min)
 	$(BIN)/python benchmarks/bench_migration.py --scale $(SCALE)

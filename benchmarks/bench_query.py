@@ -13,11 +13,13 @@ One run, one data set (benchmarks/README.md says what each section measures and 
      g. file sizes;
      h. write throughput of store_batch vs the legacy implementation's INSERTs, same batches;
      i. readers (threads, asyncio tasks) while a writer process ingests;
+     j. a-c on PostgreSQL, when a server is at hand (postgres.py: TRACESTORE_PG_URL, scripts/with-postgres);
   4. print the ratios next to issue 4's targets (and write them as JSON with --json).
 
     python benchmarks/bench_query.py --scale 1m [--runs 61] [--keep] [--json out.json] [--sections queries]
 
-`--sections queries` runs only 1-3a and 3c (the latency-against-size points benchmarks/suite.py collects).
+`--sections queries` runs only 1-3a and 3c (the latency-against-size points benchmarks/suite.py collects);
+`--sections postgresql` only 1 and 3j (with --keep, to repeat the PostgreSQL part on the same file).
 Exit status: 0 when every variant returned the same rows (missed targets are reported, not fatal),
 2 when a variant returned different data: such a timing would be worthless.
 """
@@ -41,6 +43,7 @@ from typing import Any
 import cold_cache
 import concurrency
 import curves
+import postgres
 from common import (
     DEFAULT_WORKDIR,
     HOT_UID,
@@ -75,6 +78,9 @@ from tracestore.testing.bulk import GenerateReport, generate_legacy
 DROPPED_INDEXES = ("idx_trace_sessions_uid", "idx_trace_sessions_trace")
 COPY_WRITES_UP_TO = 2_000_000  # traces; above it the write section runs without copies
 HOT_FOR_TARGETS = 1_000_000  # issue 4 sets the legacy / store targets for a hot session of ~1M traces
+# Above it --postgresql auto skips PostgreSQL: its backfill plans a full scan of traces per batch (quadratic;
+# 270 s at 1M here), so 10M would take hours (benchmarks/README.md).
+POSTGRESQL_UP_TO = 2_000_000
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -84,6 +90,7 @@ class Bench:
         self.workdir: Path = args.workdir
         self.started = time.perf_counter()
         self.lines: list[Line] = []
+        self.pg_lines: list[Line] = []
         self.problems: list[str] = []
         config = {
             "scale": args.scale,
@@ -444,23 +451,69 @@ class Bench:
                 line("  store / store's SQL run raw", "store", "raw"),
             ]
 
+    # 3j. a-c on PostgreSQL
+    def postgresql(self, legacy: Path, data: GenerateReport) -> None:
+        server, reason = postgres.server_url()
+        if server is not None and self.args.postgresql == "auto" and data.traces > POSTGRESQL_UP_TO:
+            server, reason = None, f"over {POSTGRESQL_UP_TO:,} traces the upgrade takes hours (--postgresql always)"
+        if server is None:
+            print(f"PostgreSQL part skipped: {reason}", file=sys.stderr, flush=True)
+            self.out["postgresql"] = {"skipped": reason}
+            return
+        legacy_runs = self.args.legacy_runs or max(3, self.args.runs // 3)
+        bench = postgres.PostgresBench(server, runs=self.args.runs, legacy_runs=legacy_runs, log=self.log)
+        bench.run(legacy, data)
+        self.pg_lines = bench.lines
+        self.problems += bench.problems
+        self.out["postgresql"] = {**bench.out, "lines": [asdict(line) for line in bench.lines]}
+
 
 def render(bench: Bench, data: GenerateReport) -> str:
     generated = f"{'reused, ' if bench.out['reused_data'] else ''}generated in {data.seconds:.1f} s"
     header = (
         f"tracestore bench @ {bench.out['config']['revision']}: {data.traces:,} traces, {data.links:,} links; "
-        f"hot session {data.hot_traces:,} traces, {data.burst_traces:,} in the last {WINDOW_S:g} s ({generated})\n"
-        f"medians of {bench.args.runs} interleaved rounds (legacy query: {bench.out['legacy_runs']})"
+        f"hot session {data.hot_traces:,} traces, {data.burst_traces:,} in the last {WINDOW_S:g} s ({generated})"
     )
-    upgrade_info = bench.out["upgrade"]
-    steps = ", ".join(
-        f"{name.removesuffix('_seconds')} {value:.1f} s"
-        for name, value in upgrade_info.items()
-        if name != "seconds" and value is not None
-    )
-    header += f"\nupgrade legacy -> head on a copy: {upgrade_info['seconds']:.1f} s ({steps})"
-    plans = [f"{name}:\n" + "\n".join(f"    {step}" for step in steps) for name, steps in bench.out["plans"].items()]
-    return "\n".join([header, "", text_table(bench.lines), "", "EXPLAIN QUERY PLAN", *plans, ""])
+    parts = [header]
+    if "upgrade" in bench.out:  # the SQLite sections ran
+        upgrade_info = bench.out["upgrade"]
+        steps = ", ".join(
+            f"{name.removesuffix('_seconds')} {value:.1f} s"
+            for name, value in upgrade_info.items()
+            if name != "seconds" and value is not None
+        )
+        plans = [
+            f"{name}:\n" + "\n".join(f"    {step}" for step in steps) for name, steps in bench.out["plans"].items()
+        ]
+        parts += [
+            f"medians of {bench.args.runs} interleaved rounds (legacy query: {bench.out['legacy_runs']})",
+            f"upgrade legacy -> head on a copy: {upgrade_info['seconds']:.1f} s ({steps})",
+            "",
+            text_table(bench.lines),
+            "",
+            "EXPLAIN QUERY PLAN",
+            *plans,
+        ]
+    pg = bench.out.get("postgresql", {})
+    if pg and "skipped" not in pg:
+        server, upgrade_info = pg["server"], pg["upgrade"]
+        plans = [f"{name}:\n" + "\n".join(f"    {step}" for step in steps) for name, steps in pg["plans"].items()]
+        parts += [
+            "",
+            f"PostgreSQL {server['server_version']} (shared_buffers {server['shared_buffers']},"
+            f" fsync {server['fsync']}, jit {server['jit']}): medians of {pg['runs']} interleaved rounds"
+            f" (legacy query: {pg['legacy_runs']})",
+            f"legacy database loaded by COPY in {pg['load']['copy_seconds']:.1f} s, indexes"
+            f" {pg['load']['index_seconds']:.1f} s, VACUUM (ANALYZE) {pg['load']['vacuum_seconds']:.1f} s;"
+            f" copied by TEMPLATE in {upgrade_info['template_copy_seconds']:.1f} s,"
+            f" the copy upgraded in {upgrade_info['seconds']:.1f} s",
+            "",
+            text_table(bench.pg_lines),
+            "",
+            "EXPLAIN (ANALYZE, BUFFERS), PostgreSQL",
+            *plans,
+        ]
+    return "\n".join([*parts, ""])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -468,7 +521,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scale", type=parse_scale, default="1m", help="traces to generate: 10k, 100k, 1m, 2m...")
     parser.add_argument("--runs", type=int, default=61, help="interleaved rounds per query (default 61)")
     parser.add_argument("--legacy-runs", type=int, default=0, help="rounds for the slow legacy query (default runs/3)")
-    parser.add_argument("--sections", choices=("all", "queries"), default="all", help="queries: 1-3a and 3c only")
+    parser.add_argument(
+        "--sections", choices=("all", "queries", "postgresql"), default="all", help="queries: 1-3a and 3c only"
+    )
+    parser.add_argument(
+        "--postgresql",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help=f"the PostgreSQL part (3j); auto: when a server is at hand, up to {POSTGRESQL_UP_TO:,} traces",
+    )
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="scratch directory (gitignored)")
     parser.add_argument("--keep", action="store_true", help="keep the files, and reuse a matching legacy file")
     parser.add_argument("--seed", type=int, default=0)
@@ -485,17 +546,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = bench.legacy_file()
     legacy = Path(data.path)
     bench.out["data"] = asdict(data)
-    migrated = bench.migrated_copy(legacy)
-    bench.sync_queries(legacy, migrated, data)
-    if args.sections == "all":
-        bench.async_queries(migrated, data)
-        bench.pages(migrated, data)
-        bench.curves(legacy, migrated, data)
-        bench.cold(migrated, data)
-        bench.sizes(legacy, migrated)
-        bench.writes(legacy, migrated, data)  # before load(): both files must hold the same rows
-        bench.load(migrated, data)
-    remove_db(migrated)
+    postgresql = args.sections != "queries" and args.postgresql != "never"
+    if args.sections == "postgresql":
+        bench.postgresql(legacy, data)
+    else:
+        migrated = bench.migrated_copy(legacy)
+        bench.sync_queries(legacy, migrated, data)
+        if args.sections == "all":
+            bench.async_queries(migrated, data)
+            bench.pages(migrated, data)
+            bench.curves(legacy, migrated, data)
+            bench.cold(migrated, data)
+            bench.sizes(legacy, migrated)
+            if postgresql:
+                bench.postgresql(legacy, data)  # before writes(): above 2M traces they write into the legacy file
+            bench.writes(legacy, migrated, data)  # before load(): both files must hold the same rows
+            bench.load(migrated, data)
+        remove_db(migrated)
     if not args.keep:
         remove_db(legacy)
         legacy.with_suffix(".json").unlink(missing_ok=True)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
+from sqlalchemy import Dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from tracestore import TraceContext
@@ -30,8 +31,17 @@ Row = tuple[Any, ...]
 
 def store_sql(*, session_uid: str, since: float | None = None, limit: int | None = None) -> tuple[str, Row]:
     """The exact SQL and positional parameters the store runs for get_by_session_uid()."""
+    sql, args = compiled_sql(SQLITE, session_uid=session_uid, since=since, limit=limit)
+    assert isinstance(args, tuple)
+    return sql, args
+
+
+def compiled_sql(
+    dialect: Dialect, *, session_uid: str, since: float | None = None, limit: int | None = None
+) -> tuple[str, Row | dict[str, Any]]:
+    """The SQL text and driver arguments of get_by_session_uid() for `dialect`, compiled as the store compiles it."""
     stmt, params = query_statement(
-        statements_for("sqlite"),
+        statements_for(dialect.name),
         session_uid=session_uid,
         namespace=None,
         context_type=None,
@@ -39,10 +49,8 @@ def store_sql(*, session_uid: str, since: float | None = None, limit: int | None
         until=None,
         limit=limit,
     )
-    query = compiled(stmt, SQLITE)
-    args = query.args(params)
-    assert isinstance(args, tuple)
-    return query.sql, args
+    query = compiled(stmt, dialect)
+    return query.sql, query.args(params)
 
 
 def legacy_sql(*, session_uid: str, since: float | None = None, limit: int | None = None) -> tuple[str, Row]:
@@ -56,24 +64,25 @@ def legacy_sql(*, session_uid: str, since: float | None = None, limit: int | Non
 
 def raw_query(connection: sqlite3.Connection, sql: str, params: Row) -> Callable[[], list[Row]]:
     """The floor: the store's SQL, decoded column for column as the store does, into plain tuples."""
+    return lambda: decode(connection.execute(sql, params).fetchall())
+
+
+def decode(rows: Iterable[Sequence[Any]]) -> list[Row]:
+    """Trace rows as the store decodes them (JSON columns parsed, the session list sorted), as plain tuples."""
     loads = orjson.loads
-
-    def run() -> list[Row]:
-        return [
-            (
-                i,
-                ct,
-                ns,
-                loads(data),
-                loads(meta) if meta is not None else {},
-                c,
-                u,
-                tuple(sorted(loads(uids))) if uids is not None else (),
-            )
-            for i, ct, ns, data, meta, c, u, uids in connection.execute(sql, params).fetchall()
-        ]
-
-    return run
+    return [
+        (
+            i,
+            ct,
+            ns,
+            loads(data),
+            loads(meta) if meta is not None else {},
+            c,
+            u,
+            tuple(sorted(loads(uids))) if uids is not None else (),
+        )
+        for i, ct, ns, data, meta, c, u, uids in rows
+    ]
 
 
 def fetch_only(connection: sqlite3.Connection, sql: str, params: Row) -> Callable[[], list[Row]]:
@@ -83,15 +92,15 @@ def fetch_only(connection: sqlite3.Connection, sql: str, params: Row) -> Callabl
 
 def legacy_query(connection: sqlite3.Connection, sql: str, params: Row) -> Callable[[], list[Row]]:
     """The legacy query with the same decoding; generous to legacy: it never fetched the session list."""
+    return lambda: decode_legacy(connection.execute(sql, params).fetchall())
+
+
+def decode_legacy(rows: Iterable[Sequence[Any]]) -> list[Row]:
+    """The legacy query's rows (no session list) decoded like the store's."""
     loads = orjson.loads
-
-    def run() -> list[Row]:
-        return [
-            (i, ct, ns, loads(data), loads(meta) if meta is not None else {}, c, u)
-            for i, ct, ns, data, meta, c, u in connection.execute(sql, params).fetchall()
-        ]
-
-    return run
+    return [
+        (i, ct, ns, loads(data), loads(meta) if meta is not None else {}, c, u) for i, ct, ns, data, meta, c, u in rows
+    ]
 
 
 def as_rows(traces: list[TraceContext]) -> list[Row]:

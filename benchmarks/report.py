@@ -191,10 +191,83 @@ def markdown(results: dict[str, Any], points: list[dict[str, Any]], images: list
     parts += ["", "## Query plans", ""]
     for name, steps in results.get("plans", {}).items():
         parts += [f"- {name}: " + " / ".join(f"`{step}`" for step in steps)]
+    parts += postgresql_section(results)
     problems = results["problems"] + [problem for point in points for problem in point["problems"]]
     if problems:
         parts += ["", "## WRONG RESULTS (timings void)", "", *[f"- {problem}" for problem in problems]]
     return "\n".join(parts) + "\n"
+
+
+# (label, timings key, measured variant, base variant): the rows both engines have.
+SIDE_BY_SIDE = (
+    ("sync store / raw floor, 10-min window", "sync window", "store", "raw"),
+    ("sync store / raw floor, latest 100", "sync latest", "store", "raw"),
+    ("async store / raw floor, 10-min window", "async window", "async", "raw"),
+    ("async store / raw floor, latest 100", "async latest", "async", "raw"),
+    ("legacy query / store, 10-min window", "legacy window", "legacy", "store"),
+    ("legacy query / store, latest 100", "legacy latest", "legacy", "store"),
+)
+
+
+def postgresql_section(results: dict[str, Any]) -> list[str]:
+    """The PostgreSQL part's table, the same measures next to SQLite's, its plans; or why it was skipped."""
+    pg = results.get("postgresql")
+    if pg is None:
+        return []
+    if "skipped" in pg:
+        return ["", "## PostgreSQL", "", f"Skipped: {pg['skipped']}."]
+    server, load, upgrade = pg["server"], pg["load"], pg["upgrade"]
+    parts = [
+        "",
+        "## PostgreSQL",
+        "",
+        f"PostgreSQL {server['server_version']} on the same machine, a throwaway cluster (scripts/with-postgres):"
+        f" **fsync={server['fsync']}**, full_page_writes={server['full_page_writes']},"
+        f" shared_buffers={server['shared_buffers']}, work_mem={server['work_mem']}, jit={server['jit']},"
+        f" plan_cache_mode={server['plan_cache_mode']}, collation {server['lc_collate']}; reads over a Unix socket.",
+        f"The legacy file's rows went into a legacy database by COPY ({load['copy_seconds']:.0f} s), then its"
+        f" indexes ({load['index_seconds']:.0f} s) and VACUUM (ANALYZE); a copy of it (CREATE DATABASE … TEMPLATE,"
+        f" {upgrade['template_copy_seconds']:.1f} s) was upgraded by `alembic upgrade head` in"
+        f" **{upgrade['seconds']:.0f} s** (backfill {upgrade['backfill_seconds'] or 0:.0f} s), finalized, then"
+        f" VACUUM (ANALYZE) ({upgrade['vacuum_seconds']:.1f} s: the backfill rewrote every link). Floor: raw psycopg"
+        " (autocommit) running the SQL text the store compiles for PostgreSQL, decoded the same way. Medians of"
+        f" {pg['runs']} interleaved rounds (legacy query: {pg['legacy_runs']}).",
+        "",
+        markdown_table([Line(**line) for line in pg["lines"]]),
+        "",
+        "### SQLite and PostgreSQL side by side",
+        "",
+        "| measure | SQLite | floor / base | ratio | PostgreSQL | floor / base | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, key, measured, base in SIDE_BY_SIDE:
+        cells = []
+        for timings in (results.get("timings", {}), pg["timings"]):
+            pair = timings.get(key)
+            if pair is None:
+                cells += ["", "", ""]
+                continue
+            top, bottom = pair[measured]["median_ms"], pair[base]["median_ms"]
+            cells += [f"{top:.3f} ms", f"{bottom:.3f} ms", f"{top / bottom:.2f}x"]
+        parts.append(f"| {label} | " + " | ".join(cells) + " |")
+    sqlite_upgrade = results.get("upgrade", {}).get("seconds")
+    if sqlite_upgrade is not None:
+        parts.append(f"| upgrade legacy -> head | {sqlite_upgrade:.1f} s | | | {upgrade['seconds']:.1f} s | | |")
+    parts += ["", "### PostgreSQL plans: EXPLAIN (ANALYZE, BUFFERS), with the query's values", ""]
+    for name, steps in pg["plans"].items():
+        parts += [f"{name}:", "", "```", *steps, "```", ""]
+    prepared = pg.get("prepared", {})
+    if prepared:
+        parts += ["Plans the timed loops ran (psycopg prepares a statement on its 5th execution):", ""]
+        for connection, statements in prepared.items():
+            if not statements:
+                parts.append(f"- {connection}: none (every read ends in a ROLLBACK, and psycopg forgets them there)")
+            for statement in statements:
+                parts.append(
+                    f"- {connection}: `…{statement['statement'][-70:]}` custom {statement['custom_plans']},"
+                    f" generic {statement['generic_plans']}"
+                )
+    return parts
 
 
 def build(out: Path) -> list[Path]:

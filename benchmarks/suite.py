@@ -3,7 +3,8 @@
     python benchmarks/suite.py --scale 10m [--out benchmarks/results/10m] [--runs 61] [--keep]
 
 Runs bench_query.py once per smaller size of the ladder 100K / 1M / 10M (`--sections queries`) and once
-in full at `--scale`, each in its own process, then writes into `--out` (default
+in full at `--scale` (with the PostgreSQL part when TRACESTORE_PG_URL names a server: `make bench` runs
+under scripts/with-postgres), each in its own process, then writes into `--out` (default
 benchmarks/results/<scale>/): results.json (every measurement, the machine, the sizes),
 results.txt (the full printed table and query plans) and, through report.py, results.md and the PNG
 plots. Exit status: the worst of the runs' (2 = some variant returned different rows).
@@ -82,6 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--keep", action="store_true", help="keep the legacy files and reuse them next time")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--postgresql",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="the PostgreSQL part of the full run (TRACESTORE_PG_URL); auto: up to 2M traces when a server is set",
+    )
     args = parser.parse_args(argv)
     out: Path = args.out or RESULTS_DIR / scale_name(args.scale)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     legacy_runs = args.legacy_runs or (7 if args.scale >= 5_000_000 else 0)
     full = [*common, "--write-traces", str(args.write_traces), "--load-seconds", str(args.load_seconds)]
     full += ["--legacy-runs", str(legacy_runs)] if legacy_runs else []
+    full += ["--postgresql", args.postgresql]
 
     statuses, size_files = [], []
     for size in sizes_below(args.scale):
