@@ -1,9 +1,9 @@
-"""The command line, driven through click's CliRunner and through the installed console script."""
+"""The command line, driven through click's CliRunner and through the installed console script, on SQLite
+and on PostgreSQL (`--url backend.url`); tests about SQLite files (paths, `generate`) run on SQLite only."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 import time
@@ -12,17 +12,19 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner, Result
+from sqlalchemy import URL, text
 
 from tracestore import TraceContext, TraceStore
 from tracestore.cli import main, parse_duration
 from tracestore.migrate import current_revision, head_revision, upgrade
+from tracestore.models import SESSION_TIME_INDEX
 from tracestore.testing import make_traces
 
-from .legacy import LegacyRow, create_legacy_db
+from .backends import Backend, LegacyRow
 from .oracle import make_trace, oracle_query
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "tracestore"
-COMMANDS = ["upgrade", "downgrade", "current", "explain", "recent", "demo"]
+COMMANDS = sorted(main.commands)
 SESSIONS = ["s-alpha", "s-beta", "s-gamma"]
 
 
@@ -55,18 +57,23 @@ def sample_traces(now: float) -> list[TraceContext]:
 
 
 @pytest.fixture
-def stored(db_url: str) -> tuple[str, list[TraceContext]]:
+def stored(backend: Backend) -> tuple[str, list[TraceContext]]:
     traces = sample_traces(time.time())
-    with TraceStore(db_url) as store:
+    with TraceStore(backend.url) as store:
         store.store_batch(traces)
-    return db_url, traces
+    return backend.url, traces
 
 
 @pytest.fixture
-def legacy_db(db_path: Path) -> tuple[str, list[TraceContext]]:
+def legacy_db(backend: Backend) -> tuple[str, list[TraceContext]]:
     traces = sample_traces(time.time())
-    create_legacy_db(db_path, legacy_rows(traces), orphan_links=[("gone-1", "s-alpha"), ("gone-2", "s-zeta")])
-    return f"sqlite:///{db_path}", traces
+    backend.create_legacy(legacy_rows(traces), orphan_links=[("gone-1", "s-alpha"), ("gone-2", "s-zeta")])
+    return backend.url, traces
+
+
+def missing_database(pg_url: URL) -> URL:
+    """A database on the test server that does not exist, with a password that must never be printed."""
+    return pg_url.set(database=f"{pg_url.database}_missing", password="s3cret")
 
 
 # -- help and arguments -----------------------------------------------------------------------------
@@ -114,8 +121,8 @@ def test_bad_duration_is_a_clean_usage_error(stored: tuple[str, list[TraceContex
 
 
 # -- upgrade / current / downgrade -------------------------------------------------------------------
-def test_upgrade_fresh_file_then_current_is_up_to_date(db_path: Path) -> None:
-    url = f"sqlite:///{db_path}"
+def test_upgrade_fresh_database_then_current_is_up_to_date(backend: Backend) -> None:
+    url = backend.url
     result = run("--url", url, "upgrade")
     assert result.exit_code == 0, result.output
     assert f"-> {head_revision()} (head)" in result.stdout
@@ -153,15 +160,15 @@ def test_upgrade_batch_size_from_the_environment(legacy_db: tuple[str, list[Trac
     assert current_revision(url) == head_revision()
 
 
-def test_upgrade_accepts_an_async_url(db_path: Path) -> None:
-    result = run("--url", f"sqlite+aiosqlite:///{db_path}", "upgrade")
+def test_upgrade_accepts_an_async_url(backend: Backend) -> None:
+    result = run("--url", backend.async_url, "upgrade")
     assert result.exit_code == 0, result.output
-    assert current_revision(f"sqlite:///{db_path}") == head_revision()
-    assert run("--url", f"sqlite+aiosqlite:///{db_path}", "current").exit_code == 0
+    assert current_revision(backend.url) == head_revision()
+    assert run("--url", backend.async_url, "current").exit_code == 0
 
 
-def test_upgrade_to_an_unknown_revision_is_a_clean_error(db_url: str) -> None:
-    result = run("upgrade", "--url", db_url, "--revision", "nope")
+def test_upgrade_to_an_unknown_revision_is_a_clean_error(backend: Backend) -> None:
+    result = run("upgrade", "--url", backend.url, "--revision", "nope")
     assert_clean_failure(result, 2)
     assert "nope" in result.stderr
 
@@ -174,7 +181,8 @@ def test_current_below_head_exits_1(legacy_db: tuple[str, list[TraceContext]]) -
     assert "tracestore upgrade" in result.stdout
 
 
-def test_downgrade_one_step_and_to_base(db_url: str) -> None:
+def test_downgrade_one_step_and_to_base(backend: Backend) -> None:
+    db_url = backend.url
     assert run("upgrade", "--url", db_url).exit_code == 0
     step = run("downgrade", "-1", "--url", db_url)
     assert step.exit_code == 0, step.output
@@ -239,20 +247,44 @@ def test_recent_plain_lines(stored: tuple[str, list[TraceContext]]) -> None:
         assert len(preview) <= 60 and preview.startswith('{"payload":"')
 
 
-def test_recent_with_an_async_url(stored: tuple[str, list[TraceContext]]) -> None:
-    url, traces = stored
-    result = run("recent", "s-gamma", "--url", url.replace("sqlite://", "sqlite+aiosqlite://"), "--json")
+def test_recent_with_an_async_url(backend: Backend, stored: tuple[str, list[TraceContext]]) -> None:
+    _, traces = stored
+    result = run("recent", "s-gamma", "--url", backend.async_url, "--json")
     assert result.exit_code == 0, result.output
     expected = oracle_query(traces, session_uid="s-gamma", since=time.time() - 600, limit=100)
     assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == [t.id for t in expected]
 
 
-def test_explain_uses_the_session_time_index(stored: tuple[str, list[TraceContext]]) -> None:
-    url, _ = stored
-    result = run("explain", "s-alpha", "--url", url, "--since", "1h", "--limit", "50")
+def test_explain_uses_the_session_time_index(backend: Backend) -> None:
+    """The planner's own text: EXPLAIN QUERY PLAN on SQLite, EXPLAIN on PostgreSQL, on a table large
+    enough (and ANALYZEd) for the plan to be the one production gets: the session index, no sort."""
+    assert run("upgrade", "--url", backend.url).exit_code == 0
+    now = time.time()
+    traces = [(f"t{i:06d}", now - 30_000 + i) for i in range(30_000)]  # one a second, the hot one every 10th
+    with backend.raw() as connection:
+        connection.execute(
+            text("INSERT INTO traces VALUES (:id, 'span', 'web', '{}', '{}', :at, :at)"),
+            [{"id": trace_id, "at": at} for trace_id, at in traces],
+        )
+        connection.execute(
+            text("INSERT INTO trace_sessions (trace_id, session_uid, created_at) VALUES (:id, :uid, :at)"),
+            [
+                {"id": trace_id, "uid": "hot" if i % 10 == 0 else f"s{i % 500}", "at": at}
+                for i, (trace_id, at) in enumerate(traces)
+            ],
+        )
+    backend.analyze()
+    result = run("explain", "hot", "--url", backend.url, "--since", "1h", "--limit", "50")
     assert result.exit_code == 0, result.output
-    assert "idx_trace_sessions_uid_time" in result.stdout
-    assert "TEMP B-TREE" not in result.stdout
+    lines = result.stdout.splitlines()
+    assert SESSION_TIME_INDEX in result.stdout
+    if backend.is_sqlite:
+        assert "TEMP B-TREE" not in result.stdout
+        assert any(line.startswith("SEARCH") for line in lines), lines
+    else:  # EXPLAIN text: a Limit over a backward walk of the index, stopped after 50, no Sort node
+        assert lines[0].startswith("Limit  (cost="), lines
+        assert any(f"Scan Backward using {SESSION_TIME_INDEX}" in line for line in lines), lines
+        assert not any("Sort" in line for line in lines), lines
 
 
 @pytest.mark.parametrize("command", ["recent", "explain"])
@@ -274,6 +306,22 @@ def test_read_commands_do_not_create_a_missing_file(tmp_path: Path, command: str
     assert not path.exists()
 
 
+@pytest.mark.parametrize("command", ["recent", "explain", "current", "upgrade"])
+def test_a_missing_postgresql_database_is_a_clean_error(pg_url: URL, command: str) -> None:
+    """PostgreSQL's missing file: the server names the database; nothing creates it; no password shown."""
+    missing = missing_database(pg_url)
+    url = missing.render_as_string(hide_password=False)
+    result = run(command, "--url", url, *(["s-alpha"] if command in ("recent", "explain") else []))
+    assert_clean_failure(result, 1)
+    assert f'database "{missing.database}" does not exist' in result.stderr
+    assert "s3cret" not in result.output
+    server = Backend("postgresql", pg_url)
+    try:
+        assert server.rows("SELECT datname FROM pg_database WHERE datname = :name", {"name": missing.database}) == []
+    finally:
+        server.dispose()
+
+
 def test_invalid_query_arguments_exit_2(stored: tuple[str, list[TraceContext]]) -> None:
     url, _ = stored
     result = run("recent", "", "--url", url)
@@ -288,39 +336,80 @@ def test_not_a_database_is_a_clean_error(tmp_path: Path) -> None:
     assert_clean_failure(result, 1)
 
 
+def test_an_unreachable_postgresql_server_is_a_clean_error(tmp_path: Path) -> None:
+    """No server behind the socket: one line naming what failed, exit 1, the password hidden."""
+    url = f"postgresql+psycopg://tracer:s3cret@/traces?host={tmp_path}&port=1"
+    for args in (["current"], ["upgrade"], ["recent", "s-alpha"], ["verify"]):
+        result = run(*args, "--url", url)
+        assert_clean_failure(result, 1)
+        assert "connection" in result.stderr and str(tmp_path) in result.stderr
+        assert "s3cret" not in result.output
+
+
 def test_a_malformed_url_is_a_usage_error() -> None:
     result = run("current", "--url", "not a url")
     assert_clean_failure(result, 2)
     assert "--url" in result.stderr
 
 
+def test_an_unknown_driver_is_a_usage_error_that_hides_the_password() -> None:
+    result = run("current", "--url", "postgresql+nosuchdriver://tracer:s3cret@db.example/traces")
+    assert_clean_failure(result, 2)
+    assert "--url" in result.stderr and "no such database driver" in result.stderr
+    assert "s3cret" not in result.output and "tracer:***@db.example" in result.stderr
+
+
 # -- demo -------------------------------------------------------------------------------------------
-def test_demo_builds_a_database_and_times_the_query(tmp_path: Path) -> None:
-    path = tmp_path / "demo.db"
-    url = f"sqlite:///{path}"
+def test_demo_builds_a_database_and_times_the_query(backend: Backend) -> None:
+    url = backend.url
     result = run("--url", url, "demo", "--traces", "500", "--sessions", "4")
     assert result.exit_code == 0, result.output
     assert "Stored 500 traces in 4 sessions" in result.stdout
     assert "5 rows, median" in result.stdout  # 1% of the traces are the hot session's recent ones
-    assert "idx_trace_sessions_uid_time" in result.stdout
-    assert "TEMP B-TREE" not in result.stdout
+    if backend.is_sqlite:
+        assert f"Created {backend.path} at revision" in result.stdout
+        assert "EXPLAIN QUERY PLAN:" in result.stdout
+        assert "idx_trace_sessions_uid_time" in result.stdout
+        assert "TEMP B-TREE" not in result.stdout
+    else:  # 500 rows are too few for a telling plan on PostgreSQL; it is EXPLAIN's text
+        assert "Created the trace tables in postgresql+psycopg://" in result.stdout
+        plan = result.stdout.split("EXPLAIN:\n", 1)[1].splitlines()
+        assert plan[0].startswith("  ") and "(cost=" in plan[0] and "QUERY PLAN" not in result.stdout
+        assert any("on trace_sessions" in line for line in plan), plan
+    assert f"Try: tracestore --url {url} recent demo-session-0000" in result.stdout
     assert current_revision(url) == head_revision()
-    with sqlite3.connect(path) as connection:
-        assert connection.execute("SELECT count(*) FROM traces").fetchone() == (500,)
+    assert backend.rows("SELECT count(*) FROM traces") == [(500,)]
     recent = run("--url", url, "recent", "demo-session-0000")
     assert recent.exit_code == 0 and len(recent.stdout.splitlines()) == 5
 
     again = run("--url", url, "demo", "--traces", "50")
     assert_clean_failure(again, 1)
     assert "--force" in again.stderr
+    assert backend.rows("SELECT count(*) FROM traces") == [(500,)]
     forced = run("--url", url, "demo", "--traces", "50", "--force")
     assert forced.exit_code == 0, forced.output
     assert "1 rows, median" in forced.stdout
+    assert backend.rows("SELECT count(*) FROM traces") == [(50,)]
 
 
-def test_demo_needs_a_sqlite_file() -> None:
+def test_demo_refuses_an_in_memory_database() -> None:
     result = run("--url", "sqlite://", "demo", "--traces", "10")
     assert_clean_failure(result, 2)
+
+
+def test_demo_leaves_a_legacy_postgresql_database_alone(pg_url: URL) -> None:
+    """A PostgreSQL database with traces but no tracestore revision is not the demo's to drop, even with --force."""
+    backend = Backend("postgresql", pg_url)
+    try:
+        backend.create_legacy([("t1", "a", "b", 1, {}, 10.0, 10.0, ("s",))])
+        before = backend.dump()
+        for force in ([], ["--force"]):
+            result = run("--url", backend.url, "demo", "--traces", "10", *force)
+            assert_clean_failure(result, 1)
+        assert "legacy traces table" in result.stderr
+        assert backend.dump() == before
+    finally:
+        backend.dispose()
 
 
 # -- the installed console script ---------------------------------------------------------------------
@@ -345,11 +434,19 @@ def test_console_script(tmp_path: Path, legacy_db: tuple[str, list[TraceContext]
     assert " traces in " in recent.stderr
 
 
-def test_finalize_ends_the_rolling_deploy(tmp_path: Path) -> None:
+def triggers(backend: Backend) -> set[str]:
+    sql = (
+        "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+        if backend.is_sqlite
+        else "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal"
+    )
+    return {name for (name,) in backend.rows(sql)}
+
+
+def test_finalize_ends_the_rolling_deploy(backend: Backend) -> None:
     """finalize drops the two stamp triggers (not the one the store needs); verify stays green and says so;
     a previous-release insert after that is caught by verify and repaired without bringing them back."""
-    path = tmp_path / "final.db"
-    url = f"sqlite:///{path}"
+    url = backend.url
     with TraceStore(url) as store:
         store.store(make_trace(id="t1", created_at=100.0, session_uids=["s"]))
     before = run("verify", "--url", url)
@@ -358,30 +455,33 @@ def test_finalize_ends_the_rolling_deploy(tmp_path: Path) -> None:
     result = run("finalize", "--url", url)
     assert result.exit_code == 0, result.output
     assert "dropped trace_sessions_stamp_created_at, traces_stamp_links_created_at" in result.stdout
-    with sqlite3.connect(path) as connection:
-        triggers = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
-    assert triggers == {"trace_sessions_follow_created_at"}
+    assert triggers(backend) == {"trace_sessions_follow_created_at"}
+    if not backend.is_sqlite:  # the functions behind the dropped triggers went with them
+        functions = backend.rows("SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace")
+        assert functions == [("trace_sessions_follow_created_at",)]
     assert "already finalized" in run("finalize", "--url", url).stdout
     after = run("verify", "--url", url)
     assert after.exit_code == 0 and "finalized: no rolling-deploy triggers" in after.stdout
 
-    with sqlite3.connect(path) as old_release:  # a straggler of the previous release
-        old_release.execute("INSERT INTO traces VALUES ('t2', 'a', 'b', '1', '{}', 200.0, 200.0)")
-        old_release.execute("INSERT INTO trace_sessions (trace_id, session_uid) VALUES ('t2', 's')")
-    assert run("verify", "--url", url).exit_code == 1
+    with backend.raw() as old_release:  # a straggler of the previous release
+        old_release.exec_driver_sql("INSERT INTO traces VALUES ('t2', 'a', 'b', '1', '{}', 200.0, 200.0)")
+        old_release.exec_driver_sql("INSERT INTO trace_sessions (trace_id, session_uid) VALUES ('t2', 's')")
+    assert backend.links("t2") == [("s", None)]
+    stale = run("verify", "--url", url)
+    assert stale.exit_code == 1 and "1 links whose created_at is not their trace's" in stale.stdout
     assert run("verify", "--fix", "--url", url).exit_code == 0
-    with sqlite3.connect(path) as connection:
-        assert connection.execute("SELECT created_at FROM trace_sessions WHERE trace_id = 't2'").fetchone() == (200.0,)
-        assert connection.execute("SELECT count(*) FROM sqlite_master WHERE type = 'trigger'").fetchone() == (1,)
+    assert backend.links("t2") == [("s", 200.0)]
+    assert triggers(backend) == {"trace_sessions_follow_created_at"}
 
 
-def test_finalize_is_refused_below_head(tmp_path: Path) -> None:
-    path = tmp_path / "legacy.db"
-    create_legacy_db(path, [("t1", "a", "b", 1, {}, 10.0, 10.0, ("s",))])
-    upgrade(f"sqlite:///{path}", "0003")
-    result = run("finalize", "--url", f"sqlite:///{path}")
-    assert result.exit_code != 0
+def test_finalize_is_refused_below_head(backend: Backend) -> None:
+    backend.create_legacy([("t1", "a", "b", 1, {}, 10.0, 10.0, ("s",))])
+    upgrade(backend.url, "0003")
+    before = triggers(backend)
+    result = run("finalize", "--url", backend.url)
+    assert_clean_failure(result, 1)
     assert "finalize after `tracestore upgrade` has reached head" in result.output
+    assert triggers(backend) == before and len(before) == 3
 
 
 def test_generate_writes_a_head_file_the_store_uses(tmp_path: Path) -> None:
@@ -406,3 +506,29 @@ def test_generate_refuses_and_leaves_the_old_file_alone(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.db"]
     assert run("generate", str(path), "--traces", "1k", "--force").exit_code == 0
     assert path.read_bytes() != before
+
+
+def test_a_password_in_the_url_is_never_printed(pg_url: URL) -> None:
+    """Every command that echoes the URL (messages, hints, `Try:` lines) masks the password as ***.
+    The test server trusts its clients, so a password in the URL is accepted and ignored."""
+    url = pg_url.set(password="s3cret").render_as_string(hide_password=False)
+    backend = Backend("postgresql", pg_url)
+    try:
+        backend.create_legacy([("t1", "a", "b", 1, {}, 10.0, 10.0, ("s",))])
+        results = [
+            run("current", "--url", url),  # below head: names the upgrade command to run
+            run("recent", "s", "--url", url),  # refused: names the upgrade command
+            run("verify", "--url", url),  # the schema check's hint
+            run("upgrade", "--url", url, "--revision", "0003"),
+            run("upgrade", "--url", url),
+            run("upgrade", "--url", url),  # already at head
+            run("finalize", "--url", url),
+            run("downgrade", "0003", "--url", url),
+            run("demo", "--url", url, "--traces", "20", "--force"),
+        ]
+    finally:
+        backend.dispose()
+    assert [result.exit_code for result in results] == [1, 1, 1, 0, 0, 0, 0, 0, 0], [r.output for r in results]
+    for result in results:
+        assert "s3cret" not in result.output, result.output
+    assert all(":***@" in result.output for result in results), [r.output for r in results]

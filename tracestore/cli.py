@@ -35,12 +35,13 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from tracestore import migrate
 from tracestore.backfill import DEFAULT_BATCH_SIZE
-from tracestore.engine import sync_url
+from tracestore.engine import create_engine, sync_url
 from tracestore.errors import InvalidQueryError, InvalidTraceError, RevisionError, TraceStoreError
 from tracestore.store import DEFAULT_URL, TraceStore
 from tracestore.testing.bulk import SCHEMAS
@@ -146,12 +147,21 @@ def query_options(func: F) -> F:
 
 
 def database_url(settings: Settings, command_url: str | None) -> str:
-    """The sync-driver URL to use (async URLs such as sqlite+aiosqlite:// are accepted and converted)."""
+    """The sync-driver URL to use (async URLs such as sqlite+aiosqlite:// or postgresql+asyncpg:// are
+    accepted and converted)."""
     url = command_url or settings.url
     try:
-        return sync_url(url)
+        converted = sync_url(url)
     except ArgumentError as exc:
         raise click.BadParameter(f"not a database URL: {url!r}", param_hint="'--url'") from exc
+    try:
+        make_url(converted).get_dialect()
+    except NoSuchModuleError as exc:  # checked here so that the message never shows the password
+        raise click.BadParameter(
+            f"no such database driver in {shown(url)}: use sqlite:///PATH or postgresql+psycopg://...",
+            param_hint="'--url'",
+        ) from exc
+    return converted
 
 
 def require_database(url: str) -> None:
@@ -233,7 +243,8 @@ def configure_logging(verbose: bool, console: Console) -> None:
     show_envvar=True,
     default=DEFAULT_URL,
     show_default=True,
-    help="Database URL, e.g. sqlite:///traces.db (async URLs such as sqlite+aiosqlite:///... work too).",
+    help="Database URL, e.g. sqlite:///traces.db or postgresql+psycopg://user@host/db (async URLs such as "
+    "sqlite+aiosqlite:///... or postgresql+asyncpg://... work too).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log migration steps and backfill progress to stderr.")
 @click.version_option(package_name="tracestore")
@@ -582,7 +593,9 @@ def trace_line(trace: TraceContext, preview_chars: int = 60) -> str:
 def explain(settings: Settings, session_uid: str, command_url: str | None, since_seconds: float, limit: int) -> None:
     """Print the query plan of `recent SESSION_UID` with the same options.
 
-    On SQLite a healthy plan searches idx_trace_sessions_uid_time and has no "USE TEMP B-TREE" step.
+    On SQLite (EXPLAIN QUERY PLAN) a healthy plan searches idx_trace_sessions_uid_time and has no
+    "USE TEMP B-TREE" step; on PostgreSQL (EXPLAIN) a latest-N query walks that index backwards under a
+    Limit, with no Sort.
     """
     url = database_url(settings, command_url)
     with open_store(url) as store:
@@ -615,22 +628,27 @@ DEMO_QUERY_RUNS = 5
     show_default=True,
     help="How many sessions the traces are spread over.",
 )
-@click.option("--force", is_flag=True, help="Replace the SQLite file if it already exists.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace the SQLite file if it already exists; on PostgreSQL, drop the trace tables (and their traces) first.",
+)
 @click.pass_obj
 def demo(settings: Settings, command_url: str | None, n_traces: int, n_sessions: int, force: bool) -> None:
-    """Build a SQLite file of synthetic traces and time the recent-traces query on it.
+    """Build a database of synthetic traces and time the recent-traces query on it.
 
-    The file is created through the real migrations and filled with --traces traces over --sessions
-    sessions across the last 7 days; one of them, the hot session, also has traces in the last 10
-    minutes. Then `recent` runs for the hot session (since 10m): prints the row count, the median
-    time of a few runs and the query plan. Needs factory-boy (`pip install "tracestore[testing]"`).
+    A SQLite file, or the trace tables in an empty PostgreSQL database, created through the real
+    migrations and filled with --traces traces over --sessions sessions across the last 7 days; one
+    of them, the hot session, also has traces in the last 10 minutes. Then `recent` runs for the hot
+    session (since 10m): prints the row count, the median time of a few runs and the query plan.
+    Needs factory-boy (`pip install "tracestore[testing]"`).
     """
     try:
         from tracestore.testing.factories import make_traces
     except ImportError as exc:
         raise click.ClickException(f'demo needs factory-boy: pip install "tracestore[testing]" ({exc})') from exc
     url = database_url(settings, command_url)
-    path = demo_file(url, force=force)
+    where = demo_database(url, force=force)
     out = stdout()
     sessions = [f"demo-session-{i:04d}" for i in range(n_sessions)]
     hot = sessions[0]
@@ -638,7 +656,7 @@ def demo(settings: Settings, command_url: str | None, n_traces: int, n_sessions:
     n_history = n_traces - n_recent
     started = time.perf_counter()
     with TraceStore(url) as store:
-        out.print(f"Created {escape(str(path))} at revision {migrate.head_revision()} (head)")
+        out.print(f"Created {escape(where)} at revision {migrate.head_revision()} (head)")
         now = time.time()
         with ProgressBar("storing traces", settings.err) as progress:
             for done in range(0, n_history, DEMO_BATCH):
@@ -665,17 +683,55 @@ def demo(settings: Settings, command_url: str | None, n_traces: int, n_sessions:
         f"recent {hot} --since 10m: {len(rows)} rows, median {statistics.median(timings):.2f} ms "
         f"over {DEMO_QUERY_RUNS} runs"
     )
-    out.print("EXPLAIN QUERY PLAN:")
+    out.print("EXPLAIN QUERY PLAN:" if make_url(url).get_backend_name() == "sqlite" else "EXPLAIN:")
     for line in plan:
         out.print(f"  {escape(line)}")
     out.print(f"Try: tracestore --url {escape(shown(url))} recent {hot}")
 
 
+def demo_database(url: str, *, force: bool) -> str:
+    """Where the demo writes, said for humans; an existing database is never reused silently.
+
+    SQLite: the file, removed first with --force. PostgreSQL: the database must hold no trace tables;
+    with --force the ones at a tracestore revision are dropped first (downgrade to base).
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return str(demo_file(url, force=force))
+    revision = migrate.current_revision(url)
+    if revision is None and not _has_traces_table(url):
+        return f"the trace tables in {shown(url)}"
+    if not force:
+        raise click.ClickException(
+            f"{shown(url)} already has trace tables: pass --force to drop them and their traces, or use another --url"
+        )
+    if revision is None:
+        raise click.ClickException(
+            f"{shown(url)} has a legacy traces table (no tracestore revision): the demo does not drop it"
+        )
+    migrate.downgrade(url, "base", drop_data=True)
+    return f"the trace tables in {shown(url)} (replaced)"
+
+
+def _has_traces_table(url: str) -> bool:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return inspect(connection).has_table("traces")
+    except SQLAlchemyError as exc:
+        raise LibraryError(f"cannot read {shown(url)}: {exc}") from exc
+    finally:
+        engine.dispose()
+
+
 def demo_file(url: str, *, force: bool) -> Path:
     """The demo's SQLite file, removed first with --force; an existing file is never reused silently."""
     parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
-        raise click.BadParameter("demo builds a SQLite file: use a URL like sqlite:///demo.db", param_hint="'--url'")
+    if not parsed.database or parsed.database == ":memory:":
+        raise click.BadParameter(
+            "demo builds a SQLite file (or fills a PostgreSQL database): use a URL like sqlite:///demo.db",
+            param_hint="'--url'",
+        )
     path = Path(parsed.database)
     if path.exists():
         if not force:
