@@ -387,3 +387,159 @@ def test_plans_on_postgresql_read_the_session_index(pg_url: URL) -> None:
     assert latest[0].startswith("Limit"), latest
     assert any(SESSION_TIME_INDEX in line for line in window), window
     assert not any("Seq Scan on trace_sessions" in line for line in window), window
+
+
+# -- store_batch on PostgreSQL: one statement of arrays per table (queries.Statements.write_arrays) ------------
+import asyncio  # noqa: E402 - this section's own imports, kept with it
+
+from tests.oracle import merge_restore  # noqa: E402
+from tracestore import queries  # noqa: E402
+from tracestore.errors import StorageError  # noqa: E402
+
+# Every UPDATE of a trace row logged, so a test sees whether the upsert ran and on which ids.
+UPDATE_LOG = (
+    "CREATE TABLE updated_ids (id TEXT NOT NULL)",
+    "CREATE FUNCTION log_update() RETURNS trigger LANGUAGE plpgsql AS"
+    " $$ BEGIN INSERT INTO updated_ids VALUES (NEW.id); RETURN NULL; END $$",
+    "CREATE TRIGGER log_update AFTER UPDATE ON traces FOR EACH ROW EXECUTE FUNCTION log_update()",
+)
+DRIVERS = ("psycopg", "asyncpg")
+
+
+def store_batches(url: URL, driver: str, batches: list[list[TraceContext]]) -> None:
+    """Each batch through one store's store_batch: the sync store on psycopg, or the async one on asyncpg."""
+    if driver == "psycopg":
+        with TraceStore(url.render_as_string(hide_password=False)) as store:
+            for batch in batches:
+                store.store_batch(batch)
+        return
+
+    async def run() -> None:
+        async with AsyncTraceStore(url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)) as s:
+            for batch in batches:
+                await s.store_batch(batch)
+
+    asyncio.run(run())
+
+
+def stored_state(url: str) -> tuple[set[str], dict[tuple[str, str], float | None]]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            updated = {trace_id for (trace_id,) in connection.exec_driver_sql("SELECT id FROM updated_ids")}
+            return updated, links(connection)
+    finally:
+        engine.dispose()
+
+
+def prepared_database(pg_url: URL) -> str:
+    url = pg_url.render_as_string(hide_password=False)
+    upgrade(url)
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            for statement in UPDATE_LOG:
+                connection.exec_driver_sql(statement)
+    finally:
+        engine.dispose()
+    return url
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_store_batch_upserts_only_when_an_id_exists_on_postgresql(pg_url: URL, driver: str) -> None:
+    url = prepared_database(pg_url)
+    old = make_trace(id="é-old", session_uids=["a", "shared-ß"], data={"v": 1}, created_at=T0, updated_at=T0)
+    tied = [
+        make_trace(id=f"t-{i}", session_uids=["a"], created_at=T0 + 5, data={"t": "日本語 🚀" * i}) for i in range(3)
+    ]
+    huge = make_trace(id="huge", session_uids=["b"], data={"blob": "x" * 3_000_000, "nul": "a\u0000b"}, created_at=T0)
+    store_batches(pg_url, driver, [[old, *tied, huge]])
+    assert stored_state(url)[0] == set()  # new ids only: the insert's rowcount was right, no upsert ran
+
+    again = make_trace(
+        id="é-old", session_uids=["c"], data={"v": 2}, metadata={"m": 1}, created_at=T0 + 9, updated_at=T0 + 10
+    )
+    new = make_trace(id="new", session_uids=["c", "a"], created_at=T0 + 9)
+    store_batches(pg_url, driver, [[new, again]])
+    updated, got_links = stored_state(url)
+    assert "é-old" in updated
+
+    expected = [merge_restore(old, again), *tied, huge, new]
+    with TraceStore(url) as store:
+        for trace in expected:
+            assert store.get(trace.id) == trace
+        for uid in ("a", "c", "shared-ß"):
+            assert store.get_by_session_uid(uid) == oracle_query(expected, session_uid=uid)
+    # The re-stored trace's old links follow its new created_at (the follow trigger), new ones carry it.
+    assert got_links == {(t.id, uid): t.created_at for t in expected for uid in t.session_uids}
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_store_batch_in_several_array_chunks_is_still_one_transaction_on_postgresql(
+    pg_url: URL, driver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = prepared_database(pg_url)
+    monkeypatch.setattr(queries, "ARRAY_CHUNK_CHARS", 500)  # ~3 traces per statement
+    first = [
+        make_trace(id=f"a-{i:02d}", session_uids=["s", f"own-{i}"], data={"i": i}, created_at=T0 + i) for i in range(20)
+    ]
+    store_batches(pg_url, driver, [first])
+    assert stored_state(url)[0] == set()  # the rowcounts of all chunks add up to the batch
+
+    # A mixed batch over several chunks: every id of the batch is upserted once one of them exists.
+    mixed = [
+        make_trace(id=f"a-{i:02d}", session_uids=["t"], data={"i": -i}, created_at=T0 + i) for i in range(0, 20, 7)
+    ]
+    mixed += [make_trace(id=f"b-{i:02d}", session_uids=["t"], created_at=T0 + 30 + i) for i in range(10)]
+    store_batches(pg_url, driver, [mixed])
+    by_id = {t.id: t for t in first}
+    for trace in mixed:
+        by_id[trace.id] = merge_restore(by_id.get(trace.id), trace)
+    with TraceStore(url) as store:
+        assert store.get_by_session_uid("t") == oracle_query(list(by_id.values()), session_uid="t")
+        assert [store.get(trace_id) for trace_id in sorted(by_id)] == [by_id[trace_id] for trace_id in sorted(by_id)]
+
+    # A failure in a later chunk leaves nothing of the earlier ones.
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.exec_driver_sql("ALTER TABLE traces ADD CONSTRAINT no_boom CHECK (namespace <> 'boom')")
+    finally:
+        engine.dispose()
+    doomed = [make_trace(id=f"c-{i:02d}", session_uids=["u"], created_at=T0 + i) for i in range(10)]
+    doomed.append(make_trace(id="c-boom", namespace="boom", session_uids=["u"], created_at=T0))
+    with pytest.raises(StorageError, match="nothing of the batch was written"):
+        store_batches(pg_url, driver, [doomed])
+    with TraceStore(url) as store:
+        assert store.get_by_session_uid("u") == [] and store.get("c-00") is None
+
+
+def test_copy_trigger_plans_cached_by_the_store_stay_index_scans_on_postgresql(pg_url: URL) -> None:
+    """The store's first batches into an empty database plan the copy triggers' UPDATE of trace_sessions;
+    PL/pgSQL caches that plan per connection. Planned as a sequential scan on the empty table, it stayed
+    one as the table grew (every trace scanned every link), until autovacuum's first ANALYZE. The write
+    transaction's Statements.write_setup makes those plans index scans; auto_explain shows the cached one."""
+    engine = create_engine(pg_url.render_as_string(hide_password=False), pool_size=1, max_overflow=0)
+    batches = [[make_trace(session_uids=["s"], created_at=T0 + b * 100 + i) for i in range(50)] for b in range(4)]
+    plans: list[str] = []
+    try:
+        with TraceStore(engine) as store:
+            for batch in batches[:3]:  # more than the 5 custom plans PostgreSQL makes before caching a generic one
+                store.store_batch(batch)
+            with engine.connect() as connection:  # the pool's one connection, where the store's plans are cached
+                raw: Any = connection.connection.dbapi_connection
+                raw.add_notice_handler(lambda diagnostic: plans.append(diagnostic.message_primary or ""))
+                for setting in (
+                    "LOAD 'auto_explain'",
+                    "SET auto_explain.log_min_duration = 0",
+                    "SET auto_explain.log_nested_statements = on",
+                    "SET auto_explain.log_level = notice",
+                ):
+                    connection.exec_driver_sql(setting)
+                connection.commit()
+            store.store_batch(batches[3])
+    finally:
+        engine.dispose()
+    trigger_plans = [plan for plan in plans if "UPDATE trace_sessions" in plan]
+    assert trigger_plans, plans
+    assert all("Index Scan" in plan and "Seq Scan" not in plan for plan in trigger_plans), trigger_plans

@@ -132,11 +132,13 @@ class AsyncTraceStore:
         insert, upsert, link = (self._driver_sql(stmt) for stmt in self._sql.write_statements)
         try:
             async with self._write_engine.begin() as conn:
-                inserted = await self._executemany(conn, insert.sql, insert.args_many(TRACE_COLUMNS, batch.traces))
+                for setup in self._sql.write_setup:
+                    await conn.exec_driver_sql(self._driver_sql(setup).sql)
+                inserted = await self._write(conn, insert, TRACE_COLUMNS, batch.traces)
                 if inserted != len(batch.traces):  # some ids exist (or the driver cannot tell)
-                    await self._executemany(conn, upsert.sql, upsert.args_many(TRACE_COLUMNS, batch.traces))
+                    await self._write(conn, upsert, TRACE_COLUMNS, batch.traces)
                 if batch.links:
-                    await self._executemany(conn, link.sql, link.args_many(LINK_COLUMNS, batch.links))
+                    await self._write(conn, link, LINK_COLUMNS, batch.links)
         except (SQLAlchemyError, self._engine.dialect.loaded_dbapi.Error) as exc:
             raise storage_error("store failed, nothing of the batch was written", exc) from exc
 
@@ -248,6 +250,21 @@ class AsyncTraceStore:
 
     def _driver_sql(self, stmt: Any) -> DriverSQL:
         return compiled(stmt, self._engine.dialect)
+
+    async def _write(
+        self, conn: AsyncConnection, query: DriverSQL, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
+    ) -> int:
+        """Run a write statement over `rows` in the connection's transaction; the driver's count of changed rows.
+
+        One statement per chunk of arrays where the statements take them (Statements.write_arrays),
+        else executemany of one row each.
+        """
+        if not self._sql.write_arrays:
+            return await self._executemany(conn, query.sql, query.args_many(columns, rows))
+        changed = 0
+        for args in query.args_arrays(columns, rows):
+            changed += int((await conn.exec_driver_sql(query.sql, args)).rowcount)
+        return changed
 
     async def _executemany(self, conn: AsyncConnection, sql: str, rows: list[Any]) -> int:
         """Run one statement for many rows in the connection's transaction; the driver's count of changed rows."""

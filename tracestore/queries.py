@@ -4,8 +4,8 @@ Statements are built once per shape, with bind parameters for every value, and c
 dialect (`compiled`): the stores hand the SQL text straight to the driver, so a call on the hot path
 pays neither statement construction, nor SQLAlchemy's cache-key walk, nor compilation (at
 sub-millisecond latencies that overhead was a third of a latest-100 read). The only
-dialect-specific pieces are `_insert` (upsert syntax) and `_session_list` (the per-trace aggregate
-of session ids).
+dialect-specific pieces are `_insert` (upsert syntax), `_session_list` (the per-trace aggregate
+of session ids) and the write statements' row source (`Statements.write_arrays`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ from sqlalchemy import (
     Select,
     Table,
     Text,
+    TextClause,
     bindparam,
     delete,
     func,
     select,
+    text,
     tuple_,
     union,
 )
@@ -112,8 +114,47 @@ class Statements:
         """What a store runs, in order: insert_trace, upsert_trace (only if the insert skipped an id), insert_link."""
         return self.insert_trace, self.upsert_trace, self.insert_link
 
+    @property
+    @cache  # noqa: B019
+    def write_setup(self) -> tuple[TextClause, ...]:
+        """Run first in every write transaction, before write_statements.
+
+        PostgreSQL: sequential scans off for the transaction (SET LOCAL ends with it). Every query
+        the write path runs is a key lookup: the ON CONFLICT probes, the foreign-key checks and the
+        copy triggers' UPDATE of trace_sessions by trace_id (schema.COPY_TRIGGERS). PL/pgSQL caches
+        the triggers' plans per connection, and one planned while trace_sessions was nearly empty
+        was a sequential scan that stayed cached as the table grew, until autovacuum's first
+        ANALYZE (a minute later): every stored trace scanned every link, 860 traces/s over the
+        first 30,000 traces of a new database, 2.4 s per 500-trace batch at 25,000 (measured). A
+        plan made under this setting is an index scan, cached as such; the setting costs one
+        statement per batch.
+        """
+        if self.dialect_name == "postgresql":
+            return (text("SET LOCAL enable_seqscan = off"),)
+        return ()
+
+    @property
+    def write_arrays(self) -> bool:
+        """Whether the write statements take one array per column, each run once per batch (PostgreSQL; see
+        DriverSQL.args_arrays), instead of one row of values, run once per row with executemany (SQLite).
+
+        On PostgreSQL every statement costs a server-side parse/bind/execute and the driver's
+        per-row work even when pipelined; `INSERT ... SELECT FROM unnest(arrays)` is one statement
+        per table per batch, and its rowcount is right on both drivers (asyncpg's executemany
+        reports none, so the upsert always ran). SQLite has no arrays and no round trips to save.
+        """
+        return self.dialect_name == "postgresql"
+
     def _trace_values(self) -> Any:
-        return _insert(self.dialect_name)(traces).values({name: bindparam(name) for name in TRACE_COLUMNS})
+        return self._values(traces, TRACE_COLUMNS)
+
+    def _values(self, table: Table, columns: tuple[str, ...]) -> Any:
+        insert = _insert(self.dialect_name)(table)
+        if not self.write_arrays:
+            return insert.values({name: bindparam(name) for name in columns})
+        arrays = [sql_cast(bindparam(name), postgresql.ARRAY(table.c[name].type)) for name in columns]
+        rows = func.unnest(*arrays).table_valued(*columns).render_derived(name="v")
+        return insert.from_select(list(columns), select(*(rows.c[name] for name in columns)))
 
     @property
     @cache  # noqa: B019
@@ -123,7 +164,7 @@ class Statements:
         A re-stored trace's existing links follow its created_at through the database trigger that
         migration 0002 creates (it also covers writers of the previous release).
         """
-        stmt = _insert(self.dialect_name)(links).values({name: bindparam(name) for name in LINK_COLUMNS})
+        stmt = self._values(links, LINK_COLUMNS)
         # No conflict target: the primary key is the only unique constraint, (trace_id, session_uid) here
         # and (trace_id, session_uid, created_at) on a partitioned trace_sessions (tracestore.partitioning),
         # where ON CONFLICT (trace_id, session_uid) finds no matching unique index.
@@ -345,6 +386,30 @@ class DriverSQL:
         if self.names == columns and not self.defaults:
             return rows
         return [self.args(dict(zip(columns, row, strict=True))) for row in rows]
+
+    def args_arrays(self, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[Any]:
+        """Driver arguments for a statement taking one array per column (Statements.write_arrays): one set
+        per chunk of rows, so that no statement carries more than ARRAY_CHUNK_CHARS characters of text
+        (PostgreSQL refuses a value or a message over 1 GB; a batch of huge payloads becomes several
+        statements in the same transaction)."""
+        chunks: list[Any] = []
+        start, size = 0, 0
+        for end, row in enumerate(rows):
+            row_size = sum(len(value) for value in row if isinstance(value, str))
+            if size + row_size > ARRAY_CHUNK_CHARS and end > start:
+                chunks.append(self._arrays(columns, rows[start:end]))
+                start, size = end, 0
+            size += row_size
+        chunks.append(self._arrays(columns, rows[start:]))
+        return chunks
+
+    def _arrays(self, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> tuple[Any, ...] | dict[str, Any]:
+        return self.args({name: list(values) for name, values in zip(columns, zip(*rows, strict=True), strict=True)})
+
+
+# Text per array statement: a UTF-8 character is at most 4 bytes and the driver may escape some (a
+# text-format array quotes every element), so this keeps a statement far below PostgreSQL's 1 GB.
+ARRAY_CHUNK_CHARS = 32 * 1024 * 1024
 
 
 @lru_cache(maxsize=512)

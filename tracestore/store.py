@@ -117,11 +117,19 @@ class TraceStore:
                 # exec_driver_sql's result and event machinery cost ~10% of a 500-trace batch.
                 cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
                 try:
-                    cursor.executemany(insert.sql, insert.args_many(TRACE_COLUMNS, batch.traces))
-                    if cursor.rowcount != len(batch.traces):  # some ids exist (or the driver cannot tell)
-                        cursor.executemany(upsert.sql, upsert.args_many(TRACE_COLUMNS, batch.traces))
-                    if batch.links:
-                        cursor.executemany(link.sql, link.args_many(LINK_COLUMNS, batch.links))
+                    for setup in self._sql.write_setup:
+                        cursor.execute(self._driver_sql(setup).sql)
+                    if not self._sql.write_arrays:
+                        cursor.executemany(insert.sql, insert.args_many(TRACE_COLUMNS, batch.traces))
+                        if cursor.rowcount != len(batch.traces):  # some ids exist (or the driver cannot tell)
+                            cursor.executemany(upsert.sql, upsert.args_many(TRACE_COLUMNS, batch.traces))
+                        if batch.links:
+                            cursor.executemany(link.sql, link.args_many(LINK_COLUMNS, batch.links))
+                    else:  # one statement per table (and chunk), each row's values an array element
+                        if _execute_arrays(cursor, insert, TRACE_COLUMNS, batch.traces) != len(batch.traces):
+                            _execute_arrays(cursor, upsert, TRACE_COLUMNS, batch.traces)
+                        if batch.links:
+                            _execute_arrays(cursor, link, LINK_COLUMNS, batch.links)
                 finally:
                     cursor.close()
         except (SQLAlchemyError, self._engine.dialect.loaded_dbapi.Error) as exc:
@@ -295,6 +303,15 @@ def _read_engine(read_engine: str | Engine, engine: Engine) -> tuple[Engine, boo
             reader.dispose()
         raise StorageError(f"the read engine is {reader.dialect.name}, the store's is {engine.dialect.name}")
     return reader, isinstance(read_engine, str)
+
+
+def _execute_arrays(cursor: Any, query: DriverSQL, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> int:
+    """Run a statement of one array per column (Statements.write_arrays) over `rows`; the rows it changed."""
+    changed = 0
+    for args in query.args_arrays(columns, rows):
+        cursor.execute(query.sql, args)
+        changed += cursor.rowcount
+    return changed
 
 
 def _plan(conn: Connection, stmt: Any, params: dict[str, Any]) -> list[str]:
