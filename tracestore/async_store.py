@@ -115,7 +115,9 @@ class AsyncTraceStore:
                     # A replica replays the upgrade after the primary: until its own revision is head
                     # it gets the legacy join too, which returns the same rows at any revision.
                     await self._still_migrating()
-            except SQLAlchemyError as exc:
+            except (SQLAlchemyError, OSError) as exc:
+                # OSError: asyncpg raises the socket's own error when it cannot reach the server
+                # (SQLAlchemy wraps only DBAPI errors), e.g. connection refused, no such socket.
                 raise storage_error(f"cannot open {self._engine.url!r}", exc) from exc
             self._ready = True
 
