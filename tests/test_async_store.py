@@ -1,4 +1,4 @@
-"""AsyncTraceStore: the same API and the same answers as TraceStore, on aiosqlite."""
+"""AsyncTraceStore: the same API and the same answers as TraceStore, on aiosqlite and asyncpg."""
 
 from __future__ import annotations
 
@@ -7,16 +7,18 @@ import itertools
 import logging
 import math
 import random
-import sqlite3
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import URL, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from tests.legacy import create_legacy_db
-from tests.oracle import dump_db, junction_drift, make_trace, merge_restore, oracle_query
+from tests.backends import Backend
+from tests.oracle import make_trace, merge_restore, oracle_query
+from tests.test_store import crowd_sessions, fail_links_to_session, reads_the_session_index
 from tracestore import (
     AsyncTraceStore,
     InvalidQueryError,
@@ -94,12 +96,11 @@ PARITY_QUERIES = [
 ]
 
 
-async def test_same_answers_as_the_sync_store(db_path: Path) -> None:
+async def test_same_answers_as_the_sync_store(backend: Backend) -> None:
     traces = parity_traces()
-    url = f"sqlite:///{db_path}"
-    with TraceStore(url) as sync_store:
+    with TraceStore(backend.url) as sync_store:
         sync_store.store_batch(traces)
-        async with AsyncTraceStore(f"sqlite+aiosqlite:///{db_path}") as async_store:
+        async with AsyncTraceStore(backend.async_url) as async_store:
             for args in PARITY_QUERIES:
                 expected = oracle_query(traces, **args)
                 assert sync_store.query(**args) == expected
@@ -113,22 +114,22 @@ async def test_same_answers_as_the_sync_store(db_path: Path) -> None:
                 assert await async_store.get(trace.id) == sync_store.get(trace.id)
 
 
-async def test_async_writes_read_back_by_sync_store(db_path: Path) -> None:
+async def test_async_writes_read_back_by_sync_store(backend: Backend) -> None:
     traces = parity_traces()
-    async with AsyncTraceStore(f"sqlite+aiosqlite:///{db_path}") as async_store:
+    async with AsyncTraceStore(backend.async_url) as async_store:
         await async_store.store_batch(traces[:30])
         for trace in traces[30:]:
             await async_store.store(trace)
         assert await async_store.delete(traces[0].id) is True
         assert await async_store.delete(traces[0].id) is False
     kept = traces[1:]
-    with TraceStore(f"sqlite:///{db_path}") as sync_store:
+    with TraceStore(backend.url) as sync_store:
         for args in PARITY_QUERIES[::7]:
             assert sync_store.query(**args) == oracle_query(kept, **args)
-    assert junction_drift(db_path) == []
+    assert backend.junction_drift() == []
 
 
-async def test_restore_adds_sessions_and_moves_links(async_store: AsyncTraceStore, db_path: Path) -> None:
+async def test_restore_adds_sessions_and_moves_links(async_store: AsyncTraceStore, backend: Backend) -> None:
     first = make_trace(id="x", session_uids=["a"], created_at=T0)
     second = make_trace(id="x", data="new", session_uids=["b"], created_at=T0 + 10)
     await async_store.store(first)
@@ -137,21 +138,21 @@ async def test_restore_adds_sessions_and_moves_links(async_store: AsyncTraceStor
     assert await async_store.get("x") == expected
     assert await async_store.get_by_session_uid("a", since=T0 + 10) == [expected]
     assert await async_store.query(session_uid="a", until=T0 + 1) == []
-    assert junction_drift(db_path) == []
+    assert backend.junction_drift() == []
 
 
-async def test_failing_batch_keeps_nothing(async_store: AsyncTraceStore, db_path: Path) -> None:
+async def test_failing_batch_keeps_nothing(async_store: AsyncTraceStore, backend: Backend) -> None:
     await async_store.store(make_trace(id="keep", session_uids=["a"], created_at=T0))
-    before = dump_db(db_path)
+    before = backend.dump()
     batch = [make_trace(), make_trace(id="keep", data="changed"), make_trace(data=object()), make_trace()]
     with pytest.raises(InvalidTraceError):
         await async_store.store_batch(batch)
     with pytest.raises(InvalidTraceError):
         await async_store.store_batch([make_trace(), "not a trace"])  # type: ignore[list-item]
-    assert dump_db(db_path) == before
+    assert backend.dump() == before
 
 
-async def test_batch_of_new_and_restored_traces(async_store: AsyncTraceStore, db_path: Path) -> None:
+async def test_batch_of_new_and_restored_traces(async_store: AsyncTraceStore, backend: Backend) -> None:
     # Inserted first, upserted only when the insert skipped an id: both kinds in one batch, as in the sync store.
     old = make_trace(id="old", data=1, session_uids=["a"], created_at=T0)
     await async_store.store(old)
@@ -162,23 +163,18 @@ async def test_batch_of_new_and_restored_traces(async_store: AsyncTraceStore, db
     for trace in fresh:
         assert await async_store.get(trace.id) == trace
     assert [t.id for t in await async_store.get_by_session_uid("a")] == ["old", "new2", "new1", "new0"]
-    assert junction_drift(db_path) == []
+    assert backend.junction_drift() == []
 
 
-async def test_database_failure_mid_batch_rolls_everything_back(async_store: AsyncTraceStore, db_path: Path) -> None:
+async def test_database_failure_mid_batch_rolls_everything_back(async_store: AsyncTraceStore, backend: Backend) -> None:
     existing = make_trace(id="keep", session_uids=["a"], created_at=T0)
     await async_store.store(existing)
-    with sqlite3.connect(db_path) as connection:
-        connection.execute(
-            "CREATE TRIGGER boom BEFORE INSERT ON trace_sessions WHEN NEW.session_uid = 'boom' "
-            "BEGIN SELECT RAISE(ABORT, 'boom'); END"
-        )
-    connection.close()
-    before = dump_db(db_path)
+    fail_links_to_session(backend, "boom")
+    before = backend.dump()
     batch = [make_trace(session_uids=["a"]), make_trace(id="keep", data="changed"), make_trace(session_uids=["boom"])]
     with pytest.raises(StorageError, match="boom"):
         await async_store.store_batch(batch)
-    assert dump_db(db_path) == before
+    assert backend.dump() == before
     assert await async_store.get("keep") == existing
 
 
@@ -203,15 +199,15 @@ ASYNC_BAD_CALLS: list[tuple[str, Callable[[AsyncTraceStore], Awaitable[Any]], ty
 )
 async def test_bad_input_raises_library_error_and_changes_nothing(
     async_store: AsyncTraceStore,
-    db_path: Path,
+    backend: Backend,
     call: Callable[[AsyncTraceStore], Awaitable[Any]],
     error: type[Exception],
 ) -> None:
     await async_store.store(make_trace(id="one", session_uids=["a"]))
-    before = dump_db(db_path)
+    before = backend.dump()
     with pytest.raises(error):
         await call(async_store)
-    assert dump_db(db_path) == before
+    assert backend.dump() == before
 
 
 async def test_not_a_sqlite_file(tmp_path: Path) -> None:
@@ -230,27 +226,45 @@ async def test_not_a_sqlite_file(tmp_path: Path) -> None:
     assert path.read_bytes() == junk
 
 
-@pytest.mark.parametrize("url", ["", "not a url", "sqlite:///sync-driver.db", "nosuchdialect://host/db"])
+@pytest.mark.parametrize(
+    "url", ["", "not a url", "sqlite:///sync-driver.db", "postgresql+psycopg:///sync-driver", "nosuchdialect://host/db"]
+)
 def test_bad_url(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(StorageError):
         AsyncTraceStore(url)
 
 
+async def test_unusable_postgresql_url(pg_server_url: URL, tmp_path: Path) -> None:
+    # PostgreSQL's counterparts of a bad file: no such database, no server; refused on open and on use.
+    async_server = pg_server_url.set(drivername="postgresql+asyncpg")
+    urls = [
+        async_server.set(database=f"tracestore_missing_{uuid.uuid4().hex[:12]}"),
+        async_server.update_query_dict({"host": str(tmp_path / "no-server-here")}),
+        make_url("postgresql+asyncpg://postgres@127.0.0.1:1/postgres"),  # nothing listens on port 1
+    ]
+    for url in urls:
+        rendered = url.render_as_string(hide_password=False)
+        with pytest.raises(StorageError):
+            async with AsyncTraceStore(rendered):
+                pass
+        store = AsyncTraceStore(rendered)
+        try:
+            with pytest.raises(StorageError):
+                await store.query()
+        finally:
+            await store.close()
+
+
 # -- engines, revisions, logging ----------------------------------------------------------------------------------
-async def test_store_on_an_engine_passed_in(db_path: Path) -> None:
-    engine = create_async_engine(f"sqlite+aiosqlite:///{db_path}")
+async def test_store_on_an_engine_passed_in(backend: Backend) -> None:
+    engine = create_async_engine(backend.async_url)
     try:
         async with AsyncTraceStore(engine) as store:
             assert store.engine is engine
             trace = make_trace(session_uids=["a"], created_at=T0)
             await store.store(trace)
             assert await store.get_by_session_uid("a") == [trace]
-            async with engine.connect() as conn:
-                assert (await conn.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
-                assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
-                assert (await conn.exec_driver_sql("PRAGMA synchronous")).scalar() == 1
-                assert (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar() > 0
         # Closing the store leaves a caller's engine usable.
         async with engine.connect() as conn:
             assert (await conn.exec_driver_sql("SELECT count(*) FROM traces")).scalar() == 1
@@ -258,7 +272,23 @@ async def test_store_on_an_engine_passed_in(db_path: Path) -> None:
         await engine.dispose()
 
 
-async def test_pragmas_on_owned_engine(async_store: AsyncTraceStore) -> None:
+# These two take `db_path` to run on SQLite only: tracestore.engine sets pragmas on SQLite connections and
+# leaves PostgreSQL's as the driver makes them.
+async def test_pragmas_on_an_engine_passed_in(db_path: Path) -> None:
+    engine = create_async_engine(f"sqlite+aiosqlite:///{db_path}")
+    try:
+        async with AsyncTraceStore(engine) as store:
+            await store.store(make_trace(session_uids=["a"], created_at=T0))
+            async with engine.connect() as conn:
+                assert (await conn.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
+                assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
+                assert (await conn.exec_driver_sql("PRAGMA synchronous")).scalar() == 1
+                assert (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar() > 0
+    finally:
+        await engine.dispose()
+
+
+async def test_pragmas_on_owned_engine(async_store: AsyncTraceStore, db_path: Path) -> None:
     async with async_store.engine.connect() as conn:
         assert (await conn.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
         assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
@@ -266,23 +296,26 @@ async def test_pragmas_on_owned_engine(async_store: AsyncTraceStore) -> None:
         assert (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar() > 0
 
 
-async def test_old_revision(db_path: Path) -> None:
+async def test_old_revision(backend: Backend) -> None:
     rows = [("l1", "span", "web", {"a": 1}, {}, T0, T0, ("s1",)), ("l2", "log", "web", [1], {}, T0 + 1, T0 + 1, ())]
-    create_legacy_db(db_path, rows)
-    url = f"sqlite+aiosqlite:///{db_path}"
-    before = dump_db(db_path)
+    backend.create_legacy(rows)
+    url = backend.async_url
+    before = backend.dump()
     with pytest.raises(SchemaOutOfDateError, match="tracestore upgrade"):
         async with AsyncTraceStore(url, auto_upgrade=False):
             pass
-    assert dump_db(db_path) == before
+    assert backend.dump() == before
     async with AsyncTraceStore(url) as store:
         assert [trace.id for trace in await store.query()] == ["l2", "l1"]
         assert [trace.id for trace in await store.get_by_session_uid("s1", since=T0)] == ["l1"]
 
 
-async def test_plan_is_logged_at_debug(async_store: AsyncTraceStore, caplog: pytest.LogCaptureFixture) -> None:
-    await async_store.store(make_trace(session_uids=["a"]))
+async def test_plan_is_logged_at_debug(
+    async_store: AsyncTraceStore, backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    crowd_sessions(backend)
     caplog.set_level(logging.DEBUG, logger="tracestore.plan")
-    await async_store.get_by_session_uid("a", limit=5)
+    assert len(await async_store.get_by_session_uid("a", limit=5)) == 5
     messages = [r.getMessage() for r in caplog.records if r.name == "tracestore.plan"]
-    assert any("idx_trace_sessions_uid_time" in message for message in messages)
+    assert len(messages) == 1
+    assert reads_the_session_index(backend, messages[0].splitlines()), messages[0]
