@@ -37,6 +37,7 @@ from tracestore.rows import (
     prepare_page,
     prepare_query,
     prepare_sessions_query,
+    refuse_nul,
     storage_error,
 )
 from tracestore.store import _refuse_missing_file
@@ -129,6 +130,8 @@ class AsyncTraceStore:
         batch = WriteBatch(traces)
         if not batch.traces:
             return
+        if self._sql.dialect_name == "postgresql":
+            refuse_nul(batch)
         if not self._ready:
             await self._open()
         insert, upsert, link = (self._driver_sql(stmt) for stmt in self._sql.write_statements)

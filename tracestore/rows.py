@@ -56,6 +56,23 @@ class WriteBatch:
         ]
 
 
+def refuse_nul(batch: WriteBatch) -> None:
+    """PostgreSQL's text cannot hold NUL (SQLite's can): one clear error before the database is touched.
+
+    Payloads never carry one (JSON text escapes it); identifiers can. The write statements bind arrays
+    in binary, where the server's own refusal only says "invalid byte sequence for encoding UTF8: 0x00".
+    """
+    for row in batch.traces:
+        for name, value in zip(TRACE_COLUMNS[:3], row, strict=False):  # id, context_type, namespace
+            if "\x00" in value:
+                raise InvalidTraceError(f"trace {row[0]!r}: {name} contains NUL, which PostgreSQL text cannot store")
+    for trace_id, uid, _ in batch.links:
+        if "\x00" in uid:
+            raise InvalidTraceError(
+                f"trace {trace_id!r}: session uid {uid!r} contains NUL, which PostgreSQL cannot store"
+            )
+
+
 def _dumps(field_name: str, trace: TraceContext) -> str:
     value = getattr(trace, field_name)
     try:

@@ -32,6 +32,7 @@ from tracestore.rows import (
     prepare_page,
     prepare_query,
     prepare_sessions_query,
+    refuse_nul,
     storage_error,
 )
 from tracestore.types import Page, PageCursor, TraceContext
@@ -110,6 +111,8 @@ class TraceStore:
         batch = WriteBatch(traces)
         if not batch.traces:
             return
+        if self._sql.dialect_name == "postgresql":
+            refuse_nul(batch)
         insert, upsert, link = (self._driver_sql(stmt) for stmt in self._sql.write_statements)
         try:
             with self._write_engine.begin() as conn:
