@@ -57,7 +57,10 @@ class Backend:
     def engine(self) -> Engine:
         """The tests' own engine (plain SQLAlchemy: no tracestore pragmas or event hooks)."""
         if self._engine is None:
-            self._engine = sqlalchemy.create_engine(self.sync_url, poolclass=sqlalchemy.NullPool)
+            # SQLite: no connection kept open between statements (tests look at the files). PostgreSQL:
+            # a pool, since the oracles run hundreds of queries and each new connection costs ~5 ms.
+            pool = {"poolclass": sqlalchemy.NullPool} if self.is_sqlite else {"pool_size": 2}
+            self._engine = sqlalchemy.create_engine(self.sync_url, **pool)
         return self._engine
 
     @contextmanager
