@@ -1,4 +1,5 @@
-"""Retire the legacy session index now that idx_trace_sessions_uid_time holds every link; ANALYZE.
+"""Retire the legacy session index now that idx_trace_sessions_uid_time holds every link; ANALYZE
+(PostgreSQL: VACUUM ANALYZE).
 
 idx_trace_sessions_uid (session_uid) served the legacy query; the composite index (built empty in
 0002, filled by the 0003 backfill) answers the session query in index order and stops after LIMIT
@@ -45,9 +46,17 @@ def upgrade() -> None:
             with write_transaction(connection):
                 op.drop_index("idx_trace_sessions_uid", table_name="trace_sessions", if_exists=True)
         dropped = time.monotonic()
-    # PostgreSQL's ANALYZE samples a bounded number of rows by itself; SQLite's needs the limit.
-    for statement in BOUNDED_ANALYZE if connection.dialect.name == "sqlite" else ("ANALYZE trace_sessions",):
-        op.execute(statement)
+    if connection.dialect.name == "postgresql":
+        # The backfill updated every link: each has a dead old version, and no page is marked
+        # all-visible, so index-only scans fetch every row from the heap until autovacuum comes by
+        # (measured at 1M traces: the 10-minute window 17.7 ms, 4.4 ms after VACUUM). VACUUM makes
+        # the dead versions reusable and sets the visibility map; it does not block reads or writes.
+        # ANALYZE samples a bounded number of rows by itself.
+        with op.get_context().autocommit_block():
+            connection.exec_driver_sql("VACUUM (ANALYZE) trace_sessions")
+    else:
+        for statement in BOUNDED_ANALYZE:  # SQLite's ANALYZE reads everything unless limited
+            op.execute(statement)
     analyzed = time.monotonic()
     context.config.attributes.setdefault("reports", {}).setdefault("index", {}).update(
         {"drop_seconds": dropped - started, "analyze_seconds": analyzed - dropped}
