@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from tracestore.engine import SINGLE_STATEMENT_READ, WRITE, configure_async_engine, create_async_engine
+from tracestore.engine import WRITE, configure_async_engine, create_async_engine, read_options
 from tracestore.errors import StorageError
 from tracestore.migrate import at_head, ensure_head
 from tracestore.queries import (
@@ -79,7 +79,7 @@ class AsyncTraceStore:
             else:
                 self._reader = configure_async_engine(read_engine)
         self._write_engine = engine.execution_options(**{WRITE: True})
-        self._read_engine = self._reader.execution_options(**{SINGLE_STATEMENT_READ: True})
+        self._read_engine = self._reader.execution_options(**read_options(self._reader.dialect.name))
         self._sql: Statements = statements_for(engine.dialect.name)
         self._auto_upgrade = auto_upgrade
         self._ready = False

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import URL, Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from tracestore.engine import SINGLE_STATEMENT_READ, WRITE, configure_engine, create_engine, missing_sqlite_file
+from tracestore.engine import WRITE, configure_engine, create_engine, missing_sqlite_file, read_options
 from tracestore.errors import SchemaOutOfDateError, StorageError
 from tracestore.migrate import at_head, ensure_head
 from tracestore.queries import (
@@ -70,13 +70,13 @@ class TraceStore:
         # Engine views (shared pool): writes BEGIN IMMEDIATE so writers queue on the lock instead of
         # failing; reads are single statements, each its own snapshot (see engine._on_begin).
         self._write_engine = engine.execution_options(**{WRITE: True})
-        self._read_engine = engine.execution_options(**{SINGLE_STATEMENT_READ: True})
+        self._read_engine = engine.execution_options(**read_options(engine.dialect.name))
         self._sql: Statements = statements_for(engine.dialect.name)
         self._migrating = False
         try:
             if read_engine is not None:
                 self._reader, self._reader_owned = _read_engine(read_engine, engine)
-                self._read_engine = self._reader.execution_options(**{SINGLE_STATEMENT_READ: True})
+                self._read_engine = self._reader.execution_options(**read_options(self._reader.dialect.name))
             _refuse_missing_file(engine.url, auto_upgrade=auto_upgrade)
             # True while an upgrade is unfinished (see migrate.ensure_head): session queries then
             # use the legacy join, which does not depend on the backfilled copy.
