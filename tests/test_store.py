@@ -841,6 +841,23 @@ def test_bad_url_raises_storage_error(url: str, tmp_path: Path, monkeypatch: pyt
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+nosuchdriver://app:s3cret-pw@db.example/traces",  # unknown driver
+        "postgresql+asyncpg://app:s3cret-pw@db.example/traces",  # async driver for the sync store
+        "postgresql+psycopg://app:s3cret-pw@127.0.0.1:1/traces",  # nothing listens
+    ],
+)
+def test_errors_never_show_the_password(url: str) -> None:
+    with pytest.raises(StorageError) as raised:
+        TraceStore(url)
+    error: BaseException | None = raised.value
+    while error is not None:  # nor does any exception it was raised from
+        assert "s3cret-pw" not in str(error), error
+        error = error.__cause__
+
+
 def test_unusable_postgresql_url_raises_storage_error(pg_server_url: URL, tmp_path: Path) -> None:
     # PostgreSQL's counterparts of a bad file: no such database, no server, the wrong driver kind.
     missing = pg_server_url.set(database=f"tracestore_missing_{uuid.uuid4().hex[:12]}")

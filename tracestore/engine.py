@@ -98,15 +98,23 @@ def configure_async_engine(engine: AsyncEngine) -> AsyncEngine:
     return engine
 
 
+def shown(url: str | URL) -> str:
+    """A URL as error messages show it: the password masked (a malformed URL is shown as text)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not parseable: nothing to mask reliably, so say less
+        return "<malformed URL>" if "@" in str(url) else str(url)
+
+
 def _check_url(url: str, *, want_async: bool) -> None:
     try:
         parsed = make_url(url)
         is_async = parsed.get_dialect().is_async
     except Exception as exc:  # ArgumentError for malformed URLs, NoSuchModuleError for unknown dialects
-        raise StorageError(f"not a usable database URL: {url!r} ({exc})") from exc
+        raise StorageError(f"not a usable database URL: {shown(url)!r} ({exc})") from exc
     if is_async != want_async:
         kind = "an async driver (e.g. sqlite+aiosqlite://)" if want_async else "a sync driver (e.g. sqlite://)"
-        raise StorageError(f"{url!r} needs {kind} here")
+        raise StorageError(f"{shown(url)!r} needs {kind} here")
 
 
 def create_engine(url: str, **kwargs: Any) -> Engine:
@@ -115,7 +123,7 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
     try:
         return configure_engine(sa_create_engine(url, **kwargs))
     except ImportError as exc:
-        raise StorageError(f"the driver for {url!r} is not installed: {exc}") from exc
+        raise StorageError(f"the driver for {shown(url)!r} is not installed: {exc}") from exc
 
 
 def create_async_engine(url: str, **kwargs: Any) -> AsyncEngine:
@@ -124,7 +132,7 @@ def create_async_engine(url: str, **kwargs: Any) -> AsyncEngine:
     try:
         return configure_async_engine(sa_create_async_engine(url, **kwargs))
     except ImportError as exc:
-        raise StorageError(f"the driver for {url!r} is not installed: {exc}") from exc
+        raise StorageError(f"the driver for {shown(url)!r} is not installed: {exc}") from exc
 
 
 def sync_url(url: str) -> str:
