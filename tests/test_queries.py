@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import make_url
 from sqlalchemy.dialects import postgresql, sqlite
 
 import tracestore.queries
-from tests.oracle import make_trace, sql_oracle_query
+from tests.backends import Backend
+from tests.oracle import make_trace
 from tracestore import TraceContext, TraceStore
 from tracestore.queries import (
     LINK_COLUMNS,
@@ -123,12 +125,11 @@ def test_session_query_walks_the_composite_index(
 
 def test_answers_on_the_planner_database_match_the_oracle(planner_db: tuple[TraceStore, Path]) -> None:
     store, path = planner_db
+    raw = Backend("sqlite", make_url(f"sqlite:///{path}"), path)
     for flags in [(True, False, True, False, False), (True, True, True, True, True), (False,) * 5]:
         args = filters_for(*flags, rare=False)
         for session_uid in ("hot", "s7"):
-            assert store.query(session_uid=session_uid, **args) == sql_oracle_query(
-                path, session_uid=session_uid, **args
-            )
+            assert store.query(session_uid=session_uid, **args) == raw.sql_oracle_query(session_uid=session_uid, **args)
 
 
 # -- why trace_id belongs in the index --------------------------------------------------------------------
@@ -245,6 +246,7 @@ def test_query_module_imports_no_io() -> None:
 NO_IO_SCRIPT = """
 import builtins, socket, sqlite3
 import sqlalchemy, sqlalchemy.engine.create
+from sqlalchemy import make_url
 from sqlalchemy.dialects import postgresql, sqlite
 from tracestore import queries
 
