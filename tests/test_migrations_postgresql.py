@@ -37,6 +37,21 @@ def wait_for(predicate: object, timeout: float = 30.0) -> None:
         time.sleep(0.02)
 
 
+def upgrade_in_a_thread(url: str, revision: str) -> tuple[threading.Thread, list[BaseException]]:
+    """Start upgrade(url, revision) in a thread; the list receives what it raised, if anything."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            upgrade(url, revision)
+        except BaseException as exc:  # the test inspects it
+            failure.append(exc)
+
+    migration = threading.Thread(target=run)
+    migration.start()
+    return migration, failure
+
+
 def test_an_interrupted_concurrent_build_is_detected_and_rebuilt(pg: Backend, caplog: pytest.LogCaptureFixture) -> None:
     """Cancel 0002's CREATE INDEX CONCURRENTLY while it waits for an old snapshot: the index stays behind
     INVALID and the revision unrecorded. The next upgrade drops it, builds it again and checks it."""
@@ -48,16 +63,7 @@ def test_an_interrupted_concurrent_build_is_detected_and_rebuilt(pg: Backend, ca
     snapshot_holder.exec_driver_sql("BEGIN ISOLATION LEVEL REPEATABLE READ")
     snapshot_holder.exec_driver_sql("SELECT count(*) FROM pg_class")
 
-    failure: list[BaseException] = []
-
-    def run_0002() -> None:
-        try:
-            upgrade(pg.url, "0002")
-        except BaseException as exc:
-            failure.append(exc)
-
-    migration = threading.Thread(target=run_0002)
-    migration.start()
+    migration, failure = upgrade_in_a_thread(pg.url, "0002")
     monitor = create_engine(pg.sync_url, isolation_level="AUTOCOMMIT")
     try:
         with monitor.connect() as connection:
@@ -141,17 +147,8 @@ def test_add_column_steps_aside_for_a_long_transaction_and_never_stalls_readers(
     upgrade(pg.url, "0001")
     monkeypatch.setattr(online, "LOCK_TIMEOUT_MS", 200)
     long_transaction = hold_a_read_lock(pg)
-    failure: list[BaseException] = []
-
-    def run_0002() -> None:
-        try:
-            upgrade(pg.url, "0002")
-        except BaseException as exc:
-            failure.append(exc)
-
     with caplog.at_level(logging.INFO, logger="tracestore.migrate"):
-        migration = threading.Thread(target=run_0002)
-        migration.start()
+        migration, failure = upgrade_in_a_thread(pg.url, "0002")
         try:
             wait_for(lambda: any("table lock busy" in r.getMessage() for r in caplog.records))
             reader_waits = []
