@@ -101,11 +101,32 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     item.user_properties.append(("engine", _engine_of(item)))
 
 
+_not_run: dict[str, int] = {}
+ENABLE_POSTGRESQL = (
+    "set TRACESTORE_PG_URL to a server, or run `make test`, which starts a throwaway cluster when PostgreSQL's"
+    " server binaries are installed (apt-get install postgresql)"
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without a PostgreSQL server, leave its tests out and say so once (not one SKIPPED line per test)."""
+    if os.environ.get(PG_URL_VARIABLE):
+        return
+    postgresql = [item for item in items if _engine_of(item) == "postgresql"]
+    if postgresql:
+        left_out = set(postgresql)
+        items[:] = [item for item in items if item not in left_out]
+        config.hook.pytest_deselected(items=postgresql)
+        _not_run["postgresql"] = len(postgresql)
+
+
 def pytest_terminal_summary(terminalreporter: object) -> None:
-    write_line = terminalreporter.write_line
+    write_line = terminalreporter.write_line  # type: ignore[attr-defined]
     for name in NAMES:
         counts = _outcomes[name]
         summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "no tests"
+        if name in _not_run:
+            summary = f"{_not_run[name]} tests not run: {ENABLE_POSTGRESQL}"
         write_line(f"tracestore on {name}: {summary}")
 
 
