@@ -1,0 +1,108 @@
+"""Commands that read traces: recent and explain."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+import click
+import orjson
+
+from tracestore.cli.app import (
+    Settings,
+    database_url,
+    main,
+    query_options,
+    require_database,
+    url_option,
+)
+from tracestore.store import TraceStore
+from tracestore.types import TraceContext
+
+
+@contextmanager
+def open_store(url: str) -> Iterator[TraceStore]:
+    # Never upgrade from a read command: a database below head gets SchemaOutOfDateError, which
+    # names the upgrade command to run.
+    require_database(url)
+    with TraceStore(url, auto_upgrade=False) as store:
+        yield store
+
+
+@main.command()
+@click.argument("session_uid")
+@url_option
+@query_options
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object per trace (id, context_type, namespace, data, metadata, session_uids, "
+    "created_at, updated_at).",
+)
+@click.pass_obj
+def recent(
+    settings: Settings,
+    session_uid: str,
+    command_url: str | None,
+    since_seconds: float,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Print SESSION_UID's traces created within --since, newest first.
+
+    One line per trace: creation time (UTC, ISO 8601), id, namespace, context type and the start of
+    its JSON data. The query time goes to stderr. The database must be at head (`tracestore upgrade`).
+    """
+    url = database_url(settings, command_url)
+    with open_store(url) as store:
+        started = time.perf_counter()
+        traces = store.get_by_session_uid(session_uid, since=time.time() - since_seconds, limit=limit)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+    for trace in traces:
+        click.echo(trace_json(trace) if as_json else trace_line(trace))
+    click.echo(f"{len(traces)} traces in {elapsed_ms:.2f} ms", err=True)
+
+
+def trace_json(trace: TraceContext) -> str:
+    return orjson.dumps(
+        {
+            "id": trace.id,
+            "context_type": trace.context_type,
+            "namespace": trace.namespace,
+            "data": trace.data,
+            "metadata": trace.metadata,
+            "session_uids": trace.session_uids,
+            "created_at": trace.created_at,
+            "updated_at": trace.updated_at,
+        }
+    ).decode()
+
+
+def trace_line(trace: TraceContext, preview_chars: int = 60) -> str:
+    created = datetime.fromtimestamp(trace.created_at, tz=UTC).isoformat(timespec="milliseconds")
+    data = orjson.dumps(trace.data).decode()
+    if len(data) > preview_chars:
+        data = data[: preview_chars - 3] + "..."
+    return f"{created}  {trace.id}  {trace.namespace}  {trace.context_type}  {data}"
+
+
+@main.command()
+@click.argument("session_uid")
+@url_option
+@query_options
+@click.pass_obj
+def explain(settings: Settings, session_uid: str, command_url: str | None, since_seconds: float, limit: int) -> None:
+    """Print the query plan of `recent SESSION_UID` with the same options.
+
+    On SQLite (EXPLAIN QUERY PLAN) a healthy plan searches idx_trace_sessions_uid_time and has no
+    "USE TEMP B-TREE" step; on PostgreSQL (EXPLAIN) a latest-N query walks that index backwards under a
+    Limit, with no Sort.
+    """
+    url = database_url(settings, command_url)
+    with open_store(url) as store:
+        plan = store.explain(session_uid, since=time.time() - since_seconds, limit=limit)
+    for line in plan:
+        click.echo(line)
