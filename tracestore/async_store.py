@@ -14,6 +14,8 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from tracestore import maintenance
+from tracestore.busy import BUSY_DEADLINE, Attempt, retry_busy_async
 from tracestore.engine import WRITE, configure_async_engine, create_async_engine, read_options
 from tracestore.errors import StorageError
 from tracestore.migrate import at_head, ensure_head
@@ -53,6 +55,10 @@ class AsyncTraceStore:
 
     The schema check (and upgrade, with `auto_upgrade=True`) runs on first use or in `__aenter__`.
     """
+
+    # Write-path tunables, as on TraceStore.
+    _busy_deadline: float = BUSY_DEADLINE
+    _upkeep: maintenance.Upkeep | None = None
 
     def __init__(
         self,
@@ -134,6 +140,13 @@ class AsyncTraceStore:
             refuse_nul(batch)
         if not self._ready:
             await self._open()
+        await retry_busy_async(
+            lambda attempt: self._write_batch(batch, attempt), what="store", deadline=self._busy_deadline
+        )
+        await self._after_write()
+
+    async def _write_batch(self, batch: WriteBatch, attempt: Attempt) -> None:
+        """One try of store_batch's transaction (retry_busy_async runs it again while the database is locked)."""
         insert, upsert, link = (self._driver_sql(stmt) for stmt in self._sql.write_statements)
         try:
             async with self._write_engine.begin() as conn:
@@ -144,7 +157,12 @@ class AsyncTraceStore:
                     await self._write(conn, upsert, TRACE_COLUMNS, batch.traces)
                 if batch.links:
                     await self._write(conn, link, LINK_COLUMNS, batch.links)
+                attempt.committing()
         except (SQLAlchemyError, self._engine.dialect.loaded_dbapi.Error) as exc:
+            if attempt.at_commit:
+                raise storage_error(
+                    "store failed at COMMIT (not retried; on a lost connection the outcome is unknown)", exc
+                ) from exc
             raise storage_error("store failed, nothing of the batch was written", exc) from exc
 
     async def delete(self, trace_id: str) -> bool:
@@ -152,11 +170,29 @@ class AsyncTraceStore:
         args = query.args({"id": check_trace_id(trace_id)})
         if not self._ready:
             await self._open()
+        deleted = await retry_busy_async(
+            lambda attempt: self._delete(query, args, attempt), what="delete", deadline=self._busy_deadline
+        )
+        await self._after_write()
+        return deleted
+
+    async def _delete(self, query: DriverSQL, args: Any, attempt: Attempt) -> bool:
+        """One try of delete's transaction; a COMMIT that failed is not retried (its count would be wrong)."""
         try:
             async with self._write_engine.begin() as conn:
-                return bool((await conn.exec_driver_sql(query.sql, args)).rowcount)
+                deleted = bool((await conn.exec_driver_sql(query.sql, args)).rowcount)
+                attempt.committing()
+            return deleted
         except SQLAlchemyError as exc:
             raise storage_error("delete failed", exc) from exc
+
+    async def _after_write(self) -> None:
+        """The writer's SQLite upkeep after a committed write (see TraceStore._after_write)."""
+        upkeep = self._upkeep = self._upkeep or maintenance.Upkeep.for_engine(self._engine.sync_engine)
+        job = upkeep.due() if upkeep is not None else None
+        if job is not None and upkeep is not None:
+            async with self._engine.connect() as conn:
+                await conn.run_sync(upkeep.run, job)
 
     # -- reads ------------------------------------------------------------------------------------
     async def get(self, trace_id: str) -> TraceContext | None:
@@ -302,6 +338,9 @@ class AsyncTraceStore:
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def close(self) -> None:
+        if self._upkeep is not None and self._upkeep.writes:  # statistics for the next opener (maintenance)
+            async with self._engine.connect() as conn:
+                await conn.run_sync(self._upkeep.run, "statistics")
         if self._owned:
             await self._engine.dispose()
         if self._reader_owned:

@@ -29,3 +29,7 @@ class RevisionError(MigrationError, ValueError):
 
 class StorageError(TraceStoreError):
     """The database failed (not a database, locked, read-only, disk full...); the transaction was rolled back."""
+
+
+class StorageBusyError(StorageError):
+    """Other writers kept the database locked past the store's retry deadline; nothing was written."""

@@ -10,6 +10,8 @@ from typing import Any
 from sqlalchemy import URL, Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from tracestore import maintenance
+from tracestore.busy import BUSY_DEADLINE, Attempt, retry_busy
 from tracestore.engine import WRITE, configure_engine, create_engine, missing_sqlite_file, read_options
 from tracestore.errors import SchemaOutOfDateError, StorageError
 from tracestore.migrate import at_head, ensure_head
@@ -51,6 +53,11 @@ class TraceStore:
     `read_engine` (URL or Engine, same rules): reads go there, e.g. to a streaming replica; they see
     what it has replayed, so a write is not promised to be visible to the next read.
     """
+
+    # Write-path tunables (class attributes, so the constructor's signature stays as it is): how long a
+    # write retries while other writers hold the lock, and the SQLite upkeep the writer does (maintenance).
+    _busy_deadline: float = BUSY_DEADLINE
+    _upkeep: maintenance.Upkeep | None = None
 
     def __init__(
         self,
@@ -113,6 +120,11 @@ class TraceStore:
             return
         if self._sql.dialect_name == "postgresql":
             refuse_nul(batch)
+        retry_busy(lambda attempt: self._write_batch(batch, attempt), what="store", deadline=self._busy_deadline)
+        self._after_write()
+
+    def _write_batch(self, batch: WriteBatch, attempt: Attempt) -> None:
+        """One try of store_batch's transaction (retry_busy runs it again while the database is locked)."""
         insert, upsert, link = (self._driver_sql(stmt) for stmt in self._sql.write_statements)
         try:
             with self._write_engine.begin() as conn:
@@ -135,18 +147,41 @@ class TraceStore:
                             _execute_arrays(cursor, link, LINK_COLUMNS, batch.links)
                 finally:
                     cursor.close()
+                attempt.committing()
         except (SQLAlchemyError, self._engine.dialect.loaded_dbapi.Error) as exc:
+            if attempt.at_commit:
+                raise storage_error(
+                    "store failed at COMMIT (not retried; on a lost connection the outcome is unknown)", exc
+                ) from exc
             raise storage_error("store failed, nothing of the batch was written", exc) from exc
 
     def delete(self, trace_id: str) -> bool:
         """Delete a trace and its session links; False if there was no such trace."""
         query = self._driver_sql(self._sql.delete_trace)
         args = query.args({"id": check_trace_id(trace_id)})
+        deleted = retry_busy(
+            lambda attempt: self._delete(query, args, attempt), what="delete", deadline=self._busy_deadline
+        )
+        self._after_write()
+        return deleted
+
+    def _delete(self, query: DriverSQL, args: Any, attempt: Attempt) -> bool:
+        """One try of delete's transaction; a COMMIT that failed is not retried (its count would be wrong)."""
         try:
             with self._write_engine.begin() as conn:
-                return bool(conn.exec_driver_sql(query.sql, args).rowcount)
+                deleted = bool(conn.exec_driver_sql(query.sql, args).rowcount)
+                attempt.committing()
+            return deleted
         except SQLAlchemyError as exc:
             raise storage_error("delete failed", exc) from exc
+
+    def _after_write(self) -> None:
+        """The writer's SQLite upkeep after a committed write: a WAL checkpoint or fresh statistics when due."""
+        upkeep = self._upkeep = self._upkeep or maintenance.Upkeep.for_engine(self._engine)
+        job = upkeep.due() if upkeep is not None else None
+        if job is not None and upkeep is not None:
+            with self._engine.connect() as conn:
+                upkeep.run(conn, job)
 
     # -- reads ------------------------------------------------------------------------------------
     def get(self, trace_id: str) -> TraceContext | None:
@@ -277,6 +312,9 @@ class TraceStore:
     # -- lifecycle --------------------------------------------------------------------------------
     def close(self) -> None:
         """Dispose of the engines the store created (an engine passed in stays the caller's)."""
+        if self._upkeep is not None and self._upkeep.writes:  # statistics for the next opener (maintenance)
+            with self._engine.connect() as conn:
+                self._upkeep.run(conn, "statistics")
         if self._owned:
             self._engine.dispose()
         if self._reader_owned:

@@ -1,0 +1,134 @@
+"""SQLite upkeep done by the store's writer: WAL checkpoints that readers cannot starve, fresh statistics."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+log = logging.getLogger("tracestore.maintenance")
+
+Job = Literal["checkpoint", "statistics"]
+
+# The WAL size past which the writer checkpoints with TRUNCATE after its commit. SQLite's own
+# autocheckpoint (PASSIVE, every 1000 pages) copies pages back but only restarts the WAL from its
+# start when no reader is using it: readers that always overlap keep it growing (tests/test_maintenance.py).
+WAL_CHECKPOINT_BYTES = 64 * 1024 * 1024
+# How long that checkpoint waits for the readers of older snapshots (it blocks writers meanwhile).
+CHECKPOINT_WAIT_MS = 1000
+# After a checkpoint that readers kept from finishing, wait this long (doubling up to a minute) before the next.
+CHECKPOINT_BACKOFF = 1.0
+# Check the statistics every this many write transactions of one store, and when the store closes.
+STATISTICS_EVERY = 1000
+# Rows ANALYZE reads per index at most: the cost stays bounded however big the file (SQLite's advice: 100-1000).
+ANALYSIS_LIMIT = 400
+# Re-analyze a table once its size is this many times what its statistics say (SQLite 3.46's PRAGMA optimize rule).
+STALE_FACTOR = 10
+TABLES = ("traces", "trace_sessions")
+
+
+@dataclass
+class Upkeep:
+    """One store's upkeep of one SQLite file: what is due after a write, and running it."""
+
+    wal_path: str
+    wal_limit: int = WAL_CHECKPOINT_BYTES
+    statistics_every: int = STATISTICS_EVERY
+    writes: int = 0
+    checkpoints: int = 0
+    _not_before: float = 0.0
+    _backoff: float = CHECKPOINT_BACKOFF
+
+    @classmethod
+    def for_engine(cls, engine: Engine) -> Upkeep | None:
+        """The upkeep of the engine's SQLite file; None for PostgreSQL (autovacuum does both jobs) or :memory:."""
+        database = engine.url.database
+        if engine.dialect.name != "sqlite" or database in (None, "", ":memory:") or database.startswith("file:"):
+            return None
+        return cls(wal_path=f"{database}-wal")
+
+    def due(self) -> Job | None:
+        """Called after each committed write: one stat() of the WAL, nothing else unless something is due."""
+        self.writes += 1
+        if self.wal_limit and time.monotonic() >= self._not_before and _size(self.wal_path) > self.wal_limit:
+            return "checkpoint"
+        if self.statistics_every and self.writes % self.statistics_every == 0:
+            return "statistics"
+        return None
+
+    def run(self, conn: Connection, job: Job) -> None:
+        """Run `job` on a connection outside any transaction; a failure is logged, not raised (the write committed)."""
+        dbapi = conn.connection.dbapi_connection
+        assert dbapi is not None
+        cursor = dbapi.cursor()
+        try:
+            if job == "checkpoint":
+                self._checkpoint(cursor)
+            else:
+                started = time.perf_counter()
+                analyzed = refresh_statistics(cursor)
+                if analyzed:
+                    log.info("ANALYZE %s took %.1f ms", ", ".join(analyzed), (time.perf_counter() - started) * 1000)
+        except (SQLAlchemyError, conn.dialect.loaded_dbapi.Error) as exc:
+            log.warning("SQLite %s failed (the write itself committed): %s", job, exc)
+        finally:
+            cursor.close()
+
+    def _checkpoint(self, cursor: Any) -> None:
+        cursor.execute("PRAGMA busy_timeout")
+        busy_timeout = cursor.fetchone()[0]
+        cursor.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
+        try:
+            # TRUNCATE: copy every frame back, wait (busy_timeout) for readers of older snapshots to move on,
+            # then restart the WAL and cut the file to zero. Readers starting meanwhile read the database file.
+            cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            busy, wal_frames, copied = cursor.fetchone()
+        finally:
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout)}")
+        self.checkpoints += 1
+        if busy:
+            self._not_before = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, 60.0)
+            log.info(
+                "WAL checkpoint incomplete (%s of %s frames copied), readers still on old snapshots", copied, wal_frames
+            )
+        else:
+            self._backoff = CHECKPOINT_BACKOFF
+
+
+def refresh_statistics(cursor: Any) -> list[str]:
+    """A bounded ANALYZE of each table whose size moved STALE_FACTOR times from what sqlite_stat1 says; the tables.
+
+    What PRAGMA optimize does since SQLite 3.46, done by hand: before that (Debian 12 ships 3.40) it only
+    considers the tables the same connection has queried, so on a pooled or fresh connection it did nothing.
+    The size is max(rowid), one index probe: it overcounts after deletes, which only makes ANALYZE come later.
+    """
+    cursor.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'")
+    have_stats = cursor.fetchone() is not None
+    stale = []
+    for table in TABLES:
+        cursor.execute(f"SELECT max(rowid) FROM {table}")  # a constant of this module, not user input
+        rows = cursor.fetchone()[0] or 0
+        known = None
+        if have_stats:
+            cursor.execute("SELECT max(CAST(stat AS INTEGER)) FROM sqlite_stat1 WHERE tbl = ?", (table,))
+            known = cursor.fetchone()[0]
+        if rows and (not known or rows >= known * STALE_FACTOR or rows * STALE_FACTOR <= known):
+            stale.append(table)
+    if stale:
+        cursor.execute(f"PRAGMA analysis_limit={ANALYSIS_LIMIT}")
+        for table in stale:
+            cursor.execute(f"ANALYZE {table}")
+    return stale
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
