@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from tracestore import maintenance
+from tracestore import maintenance, retention
 from tracestore.busy import BUSY_DEADLINE, Attempt, retry_busy_async
 from tracestore.engine import WRITE, configure_async_engine, create_async_engine, read_options
 from tracestore.errors import StorageError
@@ -354,6 +355,22 @@ class AsyncTraceStore:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+    # -- retention --------------------------------------------------------------------------------
+    async def prune(
+        self,
+        older_than: float | datetime | timedelta,
+        *,
+        batch_size: int = retention.DEFAULT_BATCH_SIZE,
+        on_progress: retention.OnProgress | None = None,
+        vacuum: bool = False,
+        dry_run: bool = False,
+    ) -> retention.PruneReport:
+        """Delete every trace with created_at < the cutoff, oldest first in batches (see TraceStore.prune)."""
+        request = retention.prune_request(older_than, batch_size=batch_size, vacuum=vacuum, dry_run=dry_run)
+        if not self._ready:
+            await self._open()
+        return await retention.run_async(self._engine, request, on_progress)
 
 
 async def _plan(conn: AsyncConnection, stmt: Any, params: dict[str, Any]) -> list[str]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
 from sqlalchemy import URL, Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from tracestore import maintenance
+from tracestore import maintenance, retention
 from tracestore.busy import BUSY_DEADLINE, Attempt, retry_busy
 from tracestore.engine import WRITE, configure_engine, create_engine, missing_sqlite_file, read_options
 from tracestore.errors import SchemaOutOfDateError, StorageError
@@ -327,6 +328,28 @@ class TraceStore:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+    # -- retention --------------------------------------------------------------------------------
+    def prune(
+        self,
+        older_than: float | datetime | timedelta,
+        *,
+        batch_size: int = retention.DEFAULT_BATCH_SIZE,
+        on_progress: retention.OnProgress | None = None,
+        vacuum: bool = False,
+        dry_run: bool = False,
+    ) -> retention.PruneReport:
+        """Delete every trace with created_at < the cutoff, and its session links, oldest first in batches.
+
+        `older_than`: the cutoff (epoch seconds or an aware datetime; not in the future) or an age
+        (timedelta). Each batch of at most `batch_size` traces is its own short write transaction, so
+        writers keep working, and a prune interrupted at any point is finished by running it again.
+        `on_progress(done, total)` after each batch. `vacuum`: on SQLite, give the freed pages back to
+        the filesystem when the file is in auto_vacuum=INCREMENTAL mode (else the report says how).
+        `dry_run`: count what would go, change nothing. tracestore.retention has the details.
+        """
+        request = retention.prune_request(older_than, batch_size=batch_size, vacuum=vacuum, dry_run=dry_run)
+        return retention.run(self._engine, request, on_progress)
 
 
 def _refuse_missing_file(url: URL, *, auto_upgrade: bool) -> None:
