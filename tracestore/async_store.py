@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -44,6 +45,7 @@ from tracestore.rows import (
     storage_error,
 )
 from tracestore.store import _refuse_missing_file
+from tracestore.tail import DEFAULT_LOOKBACK, DEFAULT_POLL_LIMIT, Polled, SessionTail, check_tail_args
 from tracestore.types import Page, PageCursor, TraceContext
 
 plan_log = logging.getLogger("tracestore.plan")
@@ -264,6 +266,33 @@ class AsyncTraceStore:
                 yield item
             if cursor is None:
                 return
+
+    async def tail(
+        self,
+        session_uid: str,
+        *,
+        since: float | None = None,
+        poll_interval: float = 1.0,
+        lookback: float = DEFAULT_LOOKBACK,
+        limit_per_poll: int = DEFAULT_POLL_LIMIT,
+    ) -> AsyncIterator[list[TraceContext]]:
+        """Follow the session live: one list per poll of the traces that arrived (see TraceStore.tail)."""
+        check_tail_args(since=since, poll_interval=poll_interval, lookback=lookback, limit=limit_per_poll)
+        follower = SessionTail(self._sql, session_uid, since=since, lookback=lookback, limit=limit_per_poll)
+        if not self._ready:
+            await self._open()
+        while True:
+            migrating = self._migrating and await self._still_migrating()
+            poll = follower.poll(time.time(), migrating=migrating)
+            try:  # tail.drive, awaited
+                read = next(poll)
+                while True:
+                    read = poll.send(await self._fetch(*read))
+            except StopIteration as stop:
+                polled: Polled = stop.value
+            yield polled.traces
+            if not polled.more:
+                await asyncio.sleep(poll_interval)
 
     async def explain(
         self, session_uid: str, since: float | None = None, limit: int | None = None, **filters: Any

@@ -236,6 +236,43 @@ class Statements:
         return _time_ordered(stmt, time, tie, **flags)
 
     @cache  # noqa: B019
+    def session_after(self, *, keys_only: bool, until: bool, migrating: bool = False) -> Select[Any]:
+        """Traces of one session strictly after a key, oldest first: the forward keyset read of a live tail.
+
+        `(created_at, trace_id) > (:after_created_at, :after_trace_id)` is the start of an ascending
+        range of the composite index, read up to :limit entries, so a poll costs the rows it returns
+        and an idle poll one index probe. `until`: also strictly before (:until_created_at,
+        :until_trace_id). `keys_only`: (created_at, trace_id) alone, answered from the index without
+        reading a trace (the tail's re-read of its lookback window, tracestore.tail).
+        `migrating`: the same on traces.created_at, for a database whose backfill is unfinished.
+        """
+        link = aliased(TraceSession, name="ts")
+        time: Any
+        tie: Any
+        if migrating:
+            time, tie = Trace.created_at, Trace.id
+        else:
+            time, tie = link.created_at, link.trace_id
+        if keys_only:
+            stmt = select(time, tie).select_from(link).where(link.session_uid == bindparam("session_uid"))
+            if migrating:
+                stmt = stmt.join(Trace, Trace.id == link.trace_id)
+        else:
+            stmt = self._session_join(link)
+        if not migrating:
+            stmt = stmt.where(link.created_at.is_not(None))
+        stmt = stmt.where(tuple_(time, tie) > tuple_(bindparam("after_created_at"), bindparam("after_trace_id")))
+        if until:
+            stmt = stmt.where(tuple_(time, tie) < tuple_(bindparam("until_created_at"), bindparam("until_trace_id")))
+        return stmt.order_by(time.asc(), tie.asc()).limit(bindparam("limit"))
+
+    @cache  # noqa: B019
+    def traces_by_id(self, *, count: int) -> Select[Any]:
+        """The traces with ids :id_0 ... :id_{count-1} (primary-key lookups), oldest first."""
+        ids: list[Any] = [bindparam(f"id_{i}") for i in range(count)]
+        return select(*_trace_columns(self.dialect_name)).where(Trace.id.in_(ids)).order_by(Trace.created_at, Trace.id)
+
+    @cache  # noqa: B019
     def sessions_traces(self, *, sessions: int, since: bool, limit: bool, migrating: bool = False) -> Select[Any]:
         """Traces of any of `sessions` sessions (:session_uid_0, ...), newest first, each trace once.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -38,6 +39,7 @@ from tracestore.rows import (
     refuse_nul,
     storage_error,
 )
+from tracestore.tail import DEFAULT_LOOKBACK, DEFAULT_POLL_LIMIT, SessionTail, check_tail_args, drive
 from tracestore.types import Page, PageCursor, TraceContext
 
 plan_log = logging.getLogger("tracestore.plan")
@@ -265,6 +267,31 @@ class TraceStore:
             yield from items
             if cursor is None:
                 return
+
+    def tail(
+        self,
+        session_uid: str,
+        *,
+        since: float | None = None,
+        poll_interval: float = 1.0,
+        lookback: float = DEFAULT_LOOKBACK,
+        limit_per_poll: int = DEFAULT_POLL_LIMIT,
+    ) -> Iterator[list[TraceContext]]:
+        """Follow the session live: one list per poll of the traces that arrived, oldest first (empty if none).
+
+        The first poll brings the backlog from `since` (epoch seconds; default: now). Polls run
+        `poll_interval` seconds apart, back to back while a backlog of `limit_per_poll` remains. Each
+        is an ascending index range read from the last trace yielded, plus an index-only re-read of
+        the last `lookback` seconds for traces stored late; tracestore.tail states the guarantee.
+        """
+        check_tail_args(since=since, poll_interval=poll_interval, lookback=lookback, limit=limit_per_poll)
+        follower = SessionTail(self._sql, session_uid, since=since, lookback=lookback, limit=limit_per_poll)
+        while True:
+            migrating = self._migrating and self._still_migrating()
+            polled = drive(follower.poll(time.time(), migrating=migrating), self._fetch)
+            yield polled.traces
+            if not polled.more:
+                time.sleep(poll_interval)
 
     def explain(
         self, session_uid: str, since: float | None = None, limit: int | None = None, **filters: Any
