@@ -24,7 +24,10 @@ def new_trace_id(created_at: float | None = None, *, random_bytes: Callable[[int
     recent rows the hot query reads cluster in a few pages of the `traces` primary key.
     `random_bytes` lets test factories make reproducible ids.
     """
-    ms = int((time.time() if created_at is None else created_at) * 1000) & ((1 << 48) - 1)
+    seconds = time.time() if created_at is None else created_at
+    scaled = seconds * 1000
+    # Past about 9e304 s the product overflows to inf: take the whole seconds' ms instead (masked anyway).
+    ms = (int(scaled) if math.isfinite(scaled) else int(seconds) * 1000) & ((1 << 48) - 1)
     rand = int.from_bytes(random_bytes(10), "big")
     value = (ms << 80) | (0x7 << 76) | ((rand >> 68) & 0xFFF) << 64 | (0b10 << 62) | (rand & ((1 << 62) - 1))
     h = f"{value:032x}"
@@ -154,12 +157,16 @@ class PageCursor:
         return cursor
 
     def check(self) -> None:
-        valid_time = (
-            not isinstance(self.created_at, bool)
-            and isinstance(self.created_at, int | float)
-            and math.isfinite(self.created_at)
-        )
-        if not valid_time or not isinstance(self.trace_id, str) or not self.trace_id:
+        try:
+            valid_time = (
+                not isinstance(self.created_at, bool)
+                and isinstance(self.created_at, int | float)
+                and math.isfinite(self.created_at)
+            )
+            check_identifier("trace_id", self.trace_id)  # a str the driver can encode (no lone surrogates)
+        except (OverflowError, InvalidTraceError):  # OverflowError: an int beyond float range
+            valid_time = False
+        if not valid_time:
             raise InvalidQueryError(f"not a page cursor: {self!r}")
 
 
