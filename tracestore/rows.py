@@ -31,7 +31,13 @@ class WriteBatch:
         # and the sessions add up, all stamped with the final created_at.
         rows: dict[str, tuple[Any, ...]] = {}
         sessions: dict[str, tuple[str, ...]] = {}
-        for trace in traces:
+        try:
+            items = iter(traces)
+        except TypeError:
+            items = None
+        if items is None:
+            raise InvalidTraceError(f"store_batch needs an iterable of TraceContext, got {type(traces).__name__}")
+        for trace in items:
             if not isinstance(trace, TraceContext):
                 raise InvalidTraceError(f"expected a TraceContext, got {type(trace).__name__}")
             trace.validate()  # fields may have been reassigned since construction
@@ -71,6 +77,17 @@ def refuse_nul(batch: WriteBatch) -> None:
             raise InvalidTraceError(
                 f"trace {trace_id!r}: session uid {uid!r} contains NUL, which PostgreSQL cannot store"
             )
+
+
+def refuse_nul_arguments(statements: Statements, params: dict[str, Any]) -> None:
+    """PostgreSQL's text cannot hold NUL, so no stored value has one: say so as bad input (InvalidQueryError)
+    instead of the driver's error surfacing as a StorageError. SQLite stores and matches NUL."""
+    if statements.dialect_name != "postgresql":
+        return
+    for name, value in params.items():
+        if isinstance(value, str) and "\x00" in value:
+            shown_name = "the cursor's trace id" if name == "after_trace_id" else name.rstrip("_0123456789")
+            raise InvalidQueryError(f"{shown_name} contains NUL, which PostgreSQL text cannot hold: {value!r}")
 
 
 def _dumps(field_name: str, trace: TraceContext) -> str:
@@ -180,7 +197,9 @@ def prepare_query(
         "limit": limit,
     }
     check_query_args(**args)
-    return query_statement(statements, **args, migrating=migrating)
+    stmt, params = query_statement(statements, **args, migrating=migrating)
+    refuse_nul_arguments(statements, params)
+    return stmt, params
 
 
 def prepare_page(
@@ -205,6 +224,7 @@ def prepare_page(
     if cursor is not None:
         cursor.check()
         params["after_created_at"], params["after_trace_id"] = float(cursor.created_at), cursor.trace_id
+    refuse_nul_arguments(statements, params)
     stmt = statements.session_page(since=since is not None, after=cursor is not None, migrating=migrating)
     return stmt, params
 
@@ -235,6 +255,7 @@ def prepare_sessions_query(
         params["since"] = since
     if limit is not None:
         params["limit"] = limit
+    refuse_nul_arguments(statements, params)
     stmt = statements.sessions_traces(
         sessions=len(uids), since=since is not None, limit=limit is not None, migrating=migrating
     )
