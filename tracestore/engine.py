@@ -82,6 +82,8 @@ def _on_begin(conn: Any) -> None:
 
 def configure_engine(engine: Engine) -> Engine:
     """Install tracestore's connection setup on an Engine (idempotent); non-SQLite engines are left alone."""
+    if not isinstance(engine, Engine):
+        raise StorageError(f"expected a database URL (str) or an Engine, got {type(engine).__name__}")
     if engine.dialect.name != "sqlite" or getattr(engine, _CONFIGURED, False):
         return engine
     event.listen(engine, "connect", _on_connect)
@@ -94,6 +96,8 @@ def configure_engine(engine: Engine) -> Engine:
 
 
 def configure_async_engine(engine: AsyncEngine) -> AsyncEngine:
+    if not isinstance(engine, AsyncEngine):
+        raise StorageError(f"expected a database URL (str) or an AsyncEngine, got {type(engine).__name__}")
     configure_engine(engine.sync_engine)
     return engine
 
@@ -101,12 +105,32 @@ def configure_async_engine(engine: AsyncEngine) -> AsyncEngine:
 def shown(url: str | URL) -> str:
     """A URL as error messages show it: the password masked (a malformed URL is shown as text)."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except Exception:  # not parseable: nothing to mask reliably, so say less
-        return "<malformed URL>" if "@" in str(url) else str(url)
+        return printable("<malformed URL>" if "@" in str(url) else str(url))
+    database = parsed.database
+    if database and printable(database) != database:
+        # Rendering percent-encodes the path as UTF-8, which lone surrogates are not: show it as printable().
+        rendered = parsed.set(database=_PLACEHOLDER).render_as_string(hide_password=True)
+        return printable(rendered.replace(_PLACEHOLDER, printable(database), 1))
+    return printable(parsed.render_as_string(hide_password=True))
+
+
+_PLACEHOLDER = "tracestore-database-placeholder"
+
+
+def printable(text: str) -> str:
+    """`text` without lone surrogates, which stdout cannot encode: a path or argument from undecodable bytes
+    (Python maps them to surrogates) shows its bytes as \\xNN escapes."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that does not stand for a byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _check_url(url: str, *, want_async: bool) -> None:
+    if "\x00" in url:  # no driver or file system takes it; sqlite3 would raise a bare ValueError
+        raise StorageError(f"not a usable database URL: {shown(url)!r} contains NUL")
     try:
         parsed = make_url(url)
         is_async = parsed.get_dialect().is_async

@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from tracestore.engine import create_engine, sync_url
+from tracestore.engine import shown as shown_url
 from tracestore.errors import RevisionError, SchemaOutOfDateError, StorageError
 from tracestore.migration_lock import migration_running
 from tracestore.online import write_transaction
@@ -183,7 +184,7 @@ def ensure_head(target: Engine | Connection, *, auto_upgrade: bool) -> bool:
             "another process is upgrading it" if migration_running(url) else "run `tracestore upgrade` to finish",
         )
         return True
-    shown = url.render_as_string(hide_password=True)
+    shown = shown_url(url)
     if migration_running(url):
         raise SchemaOutOfDateError(
             f"database is at revision {current or 'none (legacy or empty)'} and another process is upgrading it; "

@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from tracestore import migrate
 from tracestore.backfill import DEFAULT_BATCH_SIZE, PROGRESS_TABLE, backfill
-from tracestore.engine import create_engine, missing_sqlite_file, sync_url
+from tracestore.engine import create_engine, missing_sqlite_file, shown, sync_url
 from tracestore.errors import StorageError
 from tracestore.models import SESSION_TIME_INDEX, SESSION_TIME_INDEX_COLUMNS, SESSION_TIME_INDEX_WHERE
 from tracestore.online import write_transaction
@@ -198,7 +198,7 @@ def _title(connection: Connection, name: str) -> str:
 def _schema_check(connection: Connection, revision: str | None, head: str) -> Check:
     if revision == head:
         return Check(SCHEMA, _title(connection, SCHEMA), ok=True, details=(f"at {head} (head)",))
-    url = connection.engine.url.render_as_string(hide_password=True)
+    url = shown(connection.engine.url)
     return Check(
         SCHEMA,
         _title(connection, SCHEMA),

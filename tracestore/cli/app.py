@@ -27,7 +27,8 @@ from rich.progress import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from tracestore.engine import sync_url
+from tracestore.engine import printable, sync_url
+from tracestore.engine import shown as engine_shown
 from tracestore.errors import InvalidQueryError, InvalidTraceError, RevisionError, TraceStoreError
 from tracestore.store import DEFAULT_URL
 
@@ -131,11 +132,13 @@ def query_options(func: F) -> F:
 def database_url(settings: Settings, command_url: str | None) -> str:
     """The sync-driver URL to use (async URLs such as sqlite+aiosqlite:// or postgresql+asyncpg:// are
     accepted and converted)."""
+    if command_url == "":  # said explicitly: never fall back to the default file
+        raise click.BadParameter("the database URL is empty", param_hint="'--url'")
     url = command_url or settings.url
     try:
         converted = sync_url(url)
-    except ArgumentError as exc:
-        raise click.BadParameter(f"not a database URL: {url!r}", param_hint="'--url'") from exc
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
+        raise click.BadParameter(f"not a database URL: {printable(repr(url))}", param_hint="'--url'") from exc
     try:
         make_url(converted).get_dialect()
     except NoSuchModuleError as exc:  # checked here so that the message never shows the password
@@ -154,12 +157,13 @@ def require_database(url: str) -> None:
         return
     if not Path(path).exists():
         raise click.ClickException(
-            f"no database at {path}: create one with `tracestore upgrade --url {shown(url)}` (or `tracestore demo`)"
+            f"no database at {printable(path)}: create one with `tracestore upgrade --url {shown(url)}` "
+            "(or `tracestore demo`)"
         )
 
 
 def shown(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
+    return engine_shown(url)
 
 
 def revision_name(revision: str | None) -> str:
