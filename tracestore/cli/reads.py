@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -82,11 +83,29 @@ def trace_json(trace: TraceContext) -> str:
 
 
 def trace_line(trace: TraceContext, preview_chars: int = 60) -> str:
-    created = datetime.fromtimestamp(trace.created_at, tz=UTC).isoformat(timespec="milliseconds")
+    try:
+        created = datetime.fromtimestamp(trace.created_at, tz=UTC).isoformat(timespec="milliseconds")
+    except (OverflowError, ValueError, OSError):  # outside the years 1-9999 a datetime holds
+        created = f"{trace.created_at!r} (epoch seconds)"
     data = orjson.dumps(trace.data).decode()
     if len(data) > preview_chars:
         data = data[: preview_chars - 3] + "..."
-    return f"{created}  {trace.id}  {trace.namespace}  {trace.context_type}  {data}"
+    fields = (visible(trace.id), visible(trace.namespace), visible(trace.context_type))
+    return "  ".join((created, *fields, data))
+
+
+def visible(text: str) -> str:
+    """`text` with control characters and line separators escaped (\\n, \\x1b...): an id must not move the
+    cursor, clear the screen or break the one-line-per-trace format on a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(
+        char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) in _HIDDEN else char
+        for char in text
+    )
+
+
+_HIDDEN = {"Cc", "Cs", "Zl", "Zp"}  # controls, lone surrogates, line and paragraph separators
 
 
 @main.command()
