@@ -170,7 +170,7 @@ class AsyncTraceStore:
 
     async def delete(self, trace_id: str) -> bool:
         query = self._driver_sql(self._sql.delete_trace)
-        args = query.args({"id": check_trace_id(trace_id)})
+        args = query.args({"id": check_trace_id(trace_id, self._sql)})
         if not self._ready:
             await self._open()
         deleted = await retry_busy_async(
@@ -199,7 +199,7 @@ class AsyncTraceStore:
 
     # -- reads ------------------------------------------------------------------------------------
     async def get(self, trace_id: str) -> TraceContext | None:
-        params = {"id": check_trace_id(trace_id)}
+        params = {"id": check_trace_id(trace_id, self._sql)}
         rows = await self._fetch(self._sql.get_trace, params)
         return decode_row(rows[0]) if rows else None
 

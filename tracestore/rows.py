@@ -172,8 +172,11 @@ def check_query_string(name: str, value: object) -> str:
     return value  # type: ignore[return-value]
 
 
-def check_trace_id(trace_id: object) -> str:
-    return check_query_string("trace_id", trace_id)
+def check_trace_id(trace_id: object, statements: Statements | None = None) -> str:
+    checked = check_query_string("trace_id", trace_id)
+    if statements is not None:
+        refuse_nul_arguments(statements, {"trace_id": checked})
+    return checked
 
 
 def prepare_query(

@@ -161,7 +161,7 @@ class TraceStore:
     def delete(self, trace_id: str) -> bool:
         """Delete a trace and its session links; False if there was no such trace."""
         query = self._driver_sql(self._sql.delete_trace)
-        args = query.args({"id": check_trace_id(trace_id)})
+        args = query.args({"id": check_trace_id(trace_id, self._sql)})
         deleted = retry_busy(
             lambda attempt: self._delete(query, args, attempt), what="delete", deadline=self._busy_deadline
         )
@@ -188,7 +188,7 @@ class TraceStore:
 
     # -- reads ------------------------------------------------------------------------------------
     def get(self, trace_id: str) -> TraceContext | None:
-        params = {"id": check_trace_id(trace_id)}
+        params = {"id": check_trace_id(trace_id, self._sql)}
         row = self._fetch(self._sql.get_trace, params)
         return decode_row(row[0]) if row else None
 
