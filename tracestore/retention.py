@@ -222,8 +222,16 @@ class Pruner:
     @staticmethod
     def vacuum_step(connection: Connection) -> None:
         """Return up to VACUUM_STEP_PAGES free pages to the filesystem (auto_vacuum=INCREMENTAL), in the
-        connection's write transaction. Each step of the pragma frees one page: fetch them all."""
-        connection.exec_driver_sql(f"PRAGMA incremental_vacuum({VACUUM_STEP_PAGES})").fetchall()
+        connection's write transaction."""
+        free = int(connection.exec_driver_sql("PRAGMA freelist_count").scalar_one())
+        cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            # Each step of the pragma frees one page, and the drivers step a statement without result
+            # columns once: PRAGMA incremental_vacuum(N) would free one page, not N (measured).
+            for _ in range(min(free, VACUUM_STEP_PAGES)):
+                cursor.execute("PRAGMA incremental_vacuum")
+        finally:
+            cursor.close()
 
     def space(self, facts: tuple[int, int, int] | None, returned: int | None) -> Space:
         """The report's Space: freed pages and what to do about them, or PostgreSQL's note."""
