@@ -223,12 +223,8 @@ class Statements:
         """
         link = aliased(TraceSession, name="ts")
         stmt = self._session_join(link)
-        time: Any
-        tie: Any
-        if migrating:
-            time, tie = Trace.created_at, Trace.id
-        else:
-            time, tie = link.created_at, link.trace_id
+        time, tie = _sort_key(link, migrating=migrating)
+        if not migrating:
             stmt = stmt.where(link.created_at.is_not(None))
         if after:
             stmt = stmt.where(tuple_(time, tie) < tuple_(bindparam("after_created_at"), bindparam("after_trace_id")))
@@ -247,12 +243,7 @@ class Statements:
         `migrating`: the same on traces.created_at, for a database whose backfill is unfinished.
         """
         link = aliased(TraceSession, name="ts")
-        time: Any
-        tie: Any
-        if migrating:
-            time, tie = Trace.created_at, Trace.id
-        else:
-            time, tie = link.created_at, link.trace_id
+        time, tie = _sort_key(link, migrating=migrating)
         if keys_only:
             stmt = select(time, tie).select_from(link).where(link.session_uid == bindparam("session_uid"))
             if migrating:
@@ -334,6 +325,13 @@ class Statements:
         """Traces across sessions, newest first (not the hot path: uses the legacy traces indexes)."""
         flags = {"since": since, "until": until, "limit": limit, "namespace": namespace, "context_type": context_type}
         return _time_ordered(select(*_trace_columns(self.dialect_name)), Trace.created_at, Trace.id, **flags)
+
+
+def _sort_key(link: Any, *, migrating: bool) -> tuple[Any, Any]:
+    """A session's sort key (time, tie): the junction's copy, or traces' own while the backfill is unfinished."""
+    if migrating:
+        return Trace.created_at, Trace.id
+    return link.created_at, link.trace_id
 
 
 def _time_ordered(
