@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qsl, quote
 
 from sqlalchemy import Engine, event
 from sqlalchemy import create_engine as sa_create_engine
@@ -19,7 +21,8 @@ SQLITE_PRAGMAS: tuple[tuple[str, str], ...] = (
     ("busy_timeout", "5000"),
     # The legacy ON DELETE CASCADE never ran because this was off; deletes must take their links along.
     ("foreign_keys", "ON"),
-    # Readers never block the writer and vice versa; persistent in the file once set.
+    # Readers never block the writer and vice versa; persistent in the file once set. The only one that
+    # writes (the file header), so the connect hook sets it only where the connection can write.
     ("journal_mode", "WAL"),
     # In WAL mode NORMAL is durable against application crashes and much cheaper than FULL.
     ("synchronous", "NORMAL"),
@@ -46,16 +49,162 @@ def read_options(dialect_name: str) -> dict[str, Any]:
     return {"isolation_level": "AUTOCOMMIT"}
 
 
-def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+def _connect_listener(url: URL) -> Callable[[Any, Any], None]:
+    """The connect listener of an engine on `url`, which says before any connection whether it may write."""
+    parameters = _uri_parameters(url)
+    immutable = _uri_true(parameters.get("immutable", ""))
+    read_only = immutable or parameters.get("mode") == "ro"
+
+    def on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        _on_connect(dbapi_connection, read_only=read_only, immutable=immutable, driver=url.drivername)
+
+    return on_connect
+
+
+def _on_connect(dbapi_connection: Any, *, read_only: bool, immutable: bool, driver: str) -> None:
     # Take transaction control away from the driver: pysqlite/aiosqlite never BEGIN before a SELECT,
     # so without this a multi-statement read sees several snapshots (SQLAlchemy's documented recipe).
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
         for name, value in SQLITE_PRAGMAS:
-            cursor.execute(f"PRAGMA {name}={value}")
+            if name == "journal_mode":
+                _set_journal_mode(cursor, value, read_only=read_only, immutable=immutable, driver=driver)
+            else:
+                cursor.execute(f"PRAGMA {name}={value}")
     finally:
         cursor.close()
+
+
+# SQLite's primary result codes (the low byte of an extended code) that the connect hook tells apart.
+SQLITE_CANTOPEN = 14
+SQLITE_READONLY = 8
+# A -wal file no longer than its header holds no transaction.
+WAL_HEADER_BYTES = 32
+
+
+def _set_journal_mode(cursor: Any, mode: str, *, read_only: bool, immutable: bool, driver: str) -> None:
+    """Switch the file to `mode` where the connection can write; a read-only one reads in the file's own mode.
+
+    WAL stays the default of every writable file; a read-only file, mount or URL cannot take the header
+    write, and a rollback-journal file reads fine as it is. This is the first statement that opens the
+    file, so a file SQLite cannot open fails here, where the hook can say why.
+    """
+    if immutable:
+        _refuse_unseen_wal(_main_file(cursor))
+    try:
+        # A read-only URL only asks: SQLite would refuse the switch anyway, and asking still opens the file.
+        cursor.execute("PRAGMA journal_mode" if read_only else f"PRAGMA journal_mode={mode}")
+    except Exception as exc:  # the driver's own error class: sqlite3's, or another SQLite driver's
+        code = _primary_code(exc)
+        if code not in (SQLITE_READONLY, SQLITE_CANTOPEN):
+            raise
+        # SQLite says "unable to open" on a read-only mount and "readonly database" where only permissions
+        # forbid creating the WAL's files: either way, say why if that is what stops it.
+        reason = _why_unopenable(_main_file(cursor), driver)
+        if reason is not None:
+            raise StorageError(reason) from exc
+        if code == SQLITE_CANTOPEN:
+            raise
+        # A read-only file or mount: reads work in the file's own mode, writes fail with this same reason.
+
+
+def _primary_code(exc: BaseException) -> int | None:
+    """SQLite's primary result code of a driver error (sqlite3 has it from Python 3.11; else from the message)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF
+    message = str(exc)
+    if "readonly database" in message:
+        return SQLITE_READONLY
+    return SQLITE_CANTOPEN if "unable to open database file" in message else None
+
+
+def _main_file(cursor: Any) -> str:
+    """The path of the connection's main database file; SQLite knows it even when it cannot open the file.
+
+    "" in memory, and when the driver cannot decode the path: the checks that need it are then skipped.
+    """
+    try:
+        cursor.execute("PRAGMA database_list")
+        return next((str(row[2] or "") for row in cursor.fetchall() if row[1] == "main"), "")
+    except Exception:  # the driver's own error class, e.g. a path that is not UTF-8
+        return ""
+
+
+def _why_unopenable(path: str, driver: str) -> str | None:
+    """Why SQLite cannot open `path` when it is a WAL-mode file missing its -wal or -shm in a read-only directory."""
+    if not path or not _in_wal_mode(path):
+        return None
+    missing = [suffix for suffix in ("-wal", "-shm") if not os.path.exists(path + suffix)]
+    directory = os.path.dirname(path)
+    if not missing or os.access(directory, os.W_OK):
+        return None
+    url = _immutable_url(path, driver)
+    reason = (
+        f"cannot open {printable(path)}: a WAL-mode database is read through its -wal and -shm files, and SQLite "
+        f"cannot create the missing {' and '.join(missing)} in the read-only directory {printable(directory)}"
+    )
+    if _holds_transactions(path + "-wal"):
+        return (
+            f"{reason}. immutable=1 ({url}) would read the database file alone, without the transactions still in "
+            f"{printable(path)}-wal: copy the database and its -wal file to a writable directory and open the copy, "
+            "or make the directory writable"
+        )
+    return f"{reason}. Every committed transaction is in the database file (no -wal to replay): read it with {url}"
+
+
+def _refuse_unseen_wal(path: str) -> None:
+    """immutable=1 makes SQLite read the database file alone, so transactions still in the -wal would be missed."""
+    if path and _holds_transactions(path + "-wal"):
+        raise StorageError(
+            f"{printable(path)}-wal may hold transactions that are not in the database file yet, and immutable=1 "
+            "reads the database file alone: open it without immutable=1 (SQLite then needs its -shm file or a "
+            "writable directory), or copy the database and its -wal file to a writable directory and open the copy"
+        )
+
+
+def _in_wal_mode(path: str) -> bool:
+    """Whether the file's header says WAL (file format versions 2 at offsets 18 and 19)."""
+    try:
+        with open(path, "rb") as file:
+            header = file.read(20)
+    except OSError:
+        return False
+    return header.startswith(b"SQLite format 3\x00") and header[18:20] == b"\x02\x02"
+
+
+def _holds_transactions(wal_path: str) -> bool:
+    try:
+        return os.path.getsize(wal_path) > WAL_HEADER_BYTES
+    except OSError:
+        return False
+
+
+def _immutable_url(path: str, driver: str = "sqlite") -> str:
+    """The URL that reads the SQLite file at `path` as immutable: no locks, no -wal or -shm, never written."""
+    # SQLite decodes %XX in a URI filename and ends it at ? or #, and bytes that are not UTF-8 can only
+    # travel as %XX; SQLAlchemy decodes %XX once more before handing the filename over.
+    escaped = "".join(
+        quote(char, safe="", errors="surrogateescape") if char in "%?#" or "\udc80" <= char <= "\udcff" else char
+        for char in path
+    )
+    return f"{driver}:///file:{escaped.replace('%', '%25')}?immutable=1&uri=true"
+
+
+def _uri_parameters(url: URL) -> dict[str, str]:
+    """The SQLite URI parameters of a `file:` URL with uri=true (SQLAlchemy passes the query on to SQLite)."""
+    database = url.database or ""
+    if url.get_backend_name() != "sqlite" or not database.startswith("file:"):
+        return {}
+    query = {key: value if isinstance(value, str) else value[-1] for key, value in url.query.items()}
+    if not _uri_true(query.get("uri", "")):
+        return {}
+    return {**query, **dict(parse_qsl(database.partition("?")[2]))}
+
+
+def _uri_true(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes", "on")
 
 
 def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy: Any) -> None:
@@ -86,7 +235,7 @@ def configure_engine(engine: Engine) -> Engine:
         raise StorageError(f"expected a database URL (str) or an Engine, got {type(engine).__name__}")
     if engine.dialect.name != "sqlite" or getattr(engine, _CONFIGURED, False):
         return engine
-    event.listen(engine, "connect", _on_connect)
+    event.listen(engine, "connect", _connect_listener(engine.url))
     event.listen(engine, "checkout", _on_checkout)
     event.listen(engine, "begin", _on_begin)
     setattr(engine, _CONFIGURED, True)
