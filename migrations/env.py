@@ -19,6 +19,7 @@ from alembic.util import CommandError
 from sqlalchemy import Connection
 from sqlalchemy.engine import make_url
 
+from tracestore.backfill import ORPHANS_TABLE, PROGRESS_TABLE
 from tracestore.engine import WRITE, create_async_engine, create_engine
 from tracestore.migration_lock import migration_lock
 from tracestore.models import SESSION_TIME_INDEX, Base
@@ -37,7 +38,7 @@ log = logging.getLogger("tracestore.migrate")
 warnings.filterwarnings("ignore", message=f".*expression-based index '{SESSION_TIME_INDEX}'")
 
 # Bookkeeping tables that live beside the models but are not part of them.
-NON_MODEL_TABLES = {"tracestore_backfill_progress", "sqlite_stat1", "sqlite_stat4"}
+NON_MODEL_TABLES = {PROGRESS_TABLE, ORPHANS_TABLE, "sqlite_stat1", "sqlite_stat4"}
 
 
 def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:

@@ -1,6 +1,6 @@
-"""Run `upgrade head` and SIGKILL this very process right after the Nth statement matching a pattern.
+"""Run `upgrade head` (or `finalize`) and SIGKILL this very process right after the Nth statement matching a pattern.
 
-Usage: python tests/kill_during_upgrade.py URL REGEX N BATCH_SIZE
+Usage: python tests/kill_during_upgrade.py URL REGEX N BATCH_SIZE [upgrade|finalize]
 
 A real kill -9 (no cleanup, no rollback, no atexit) at a chosen point of the migration: the statement
 has run, its transaction has not committed (unless the statement was the COMMIT).
@@ -15,11 +15,12 @@ import sys
 
 from sqlalchemy import Engine, event
 
-from tracestore.migrate import upgrade
+from tracestore.migrate import finalize, upgrade
 
 
 def main() -> None:
     url, pattern, occurrence, batch_size = sys.argv[1], re.compile(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    action = sys.argv[5] if len(sys.argv) > 5 else "upgrade"
     seen = 0
 
     @event.listens_for(Engine, "after_cursor_execute")
@@ -30,7 +31,10 @@ def main() -> None:
             if seen == occurrence:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    upgrade(url, batch_size=batch_size)
+    if action == "finalize":
+        finalize(url, batch_size=batch_size)
+    else:
+        upgrade(url, batch_size=batch_size)
     sys.exit(3)  # the pattern never matched often enough: the test asked for a point that does not exist
 
 

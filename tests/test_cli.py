@@ -140,7 +140,8 @@ def test_upgrade_legacy_database_reports_the_backfill(legacy_db: tuple[str, list
     result = run("upgrade", "--url", url, "--batch-size", "7")
     assert result.exit_code == 0, result.output
     assert "none (legacy or empty database) -> " in result.stdout
-    assert f"{links + 2} junction rows scanned, {links} filled, 2 orphan links removed" in result.stdout
+    assert f"{links + 2} junction rows scanned, {links} filled in" in result.stdout
+    assert "2 orphan links (no trace yet) kept" in result.stdout and "tracestore finalize" in result.stdout
     for step in ("column and triggers added in", "index idx_trace_sessions_uid_time created", "ANALYZE in"):
         assert step in result.stdout
     assert current_revision(url) == head_revision()
@@ -426,7 +427,10 @@ def test_console_script(tmp_path: Path, legacy_db: tuple[str, list[TraceContext]
     assert "tracestore upgrade" in refused.stderr and "Traceback" not in refused.stderr
     upgraded = script("--url", url, "upgrade", "--batch-size", "10")
     assert upgraded.returncode == 0, upgraded.stderr
-    assert "2 orphan links removed" in upgraded.stdout
+    assert "2 orphan links (no trace yet) kept" in upgraded.stdout
+    finalized = script("finalize", "--url", url)
+    assert finalized.returncode == 0, finalized.stderr
+    assert "removed 2 orphan links whose trace never came" in finalized.stdout
     current = script("current", "--url", url)
     assert current.returncode == 0 and "up to date" in current.stdout
     recent = script("recent", "s-alpha", "--url", url)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tracestore.backfill import PROGRESS_TABLE
-from tracestore.migrate import current_revision, head_revision, upgrade
+from tracestore.migrate import current_revision, finalize, head_revision, upgrade
 from tracestore.testing.bulk import generate_legacy
 
 TRACESTORE = Path(sys.executable).parent / "tracestore"
@@ -74,9 +74,23 @@ def test_kill_during_backfill_then_rerun_equals_an_uninterrupted_run(tmp_path: P
     assert reports["backfill"].rows_scanned < checksum(clean)[0] + 25 - 2_000 + 100
     assert current_revision(f"sqlite:///{killed}") == head_revision()
     assert checksum(killed) == checksum(clean)
-    with sqlite3.connect(killed) as connection:
+    assert_clean_after_finalize(killed, orphans=25)
+
+
+def assert_clean_after_finalize(path: Path, *, orphans: int) -> None:
+    """The upgrade kept the legacy file's orphan links (NULL created_at) for finalize, which removes them."""
+    with sqlite3.connect(path) as connection:
         assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert len(connection.execute("PRAGMA foreign_key_check").fetchall()) == orphans
+        assert connection.execute("SELECT count(*) FROM trace_sessions WHERE created_at IS NULL").fetchone() == (
+            orphans,
+        )
+    connection.close()
+    assert finalize(f"sqlite:///{path}").orphans_removed == orphans
+    with sqlite3.connect(path) as connection:
         assert connection.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert connection.execute("SELECT count(*) FROM trace_sessions WHERE created_at IS NULL").fetchone() == (0,)
+    connection.close()
 
 
 def schema_of(path: Path) -> list[tuple[str, str]]:
@@ -139,7 +153,4 @@ def test_kill_at_each_step_then_rerun_converges(
     assert current_revision(url) == head_revision()
     assert checksum(killed) == checksum(clean)
     assert schema_of(killed) == schema_of(clean)
-    with sqlite3.connect(killed) as connection:
-        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        assert connection.execute("PRAGMA foreign_key_check").fetchall() == []
-        assert connection.execute("SELECT count(*) FROM trace_sessions WHERE created_at IS NULL").fetchone() == (0,)
+    assert_clean_after_finalize(killed, orphans=7)

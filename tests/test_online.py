@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine as sa_create_engine
 
-from tracestore.online import BUSY_HANDLER_DELAYS_MS, pause_for_waiting_writers, write_transaction
+from tracestore.errors import StorageBusyError
+from tracestore.online import BUSY_HANDLER_DELAYS_MS, pause_for_waiting_writers, write_step, write_transaction
 
 
 @pytest.mark.parametrize(
@@ -53,3 +54,38 @@ def test_a_writer_gets_in_between_back_to_back_migration_transactions(tmp_path: 
     # Without the pause the writer's busy handler slept through every gap and waited for all ten steps
     # (~1.5 s); with it, the writer gets the lock after the step it arrived in (or the next one).
     assert waited and waited[0] < 2.5 * hold_s, waited
+
+
+def test_a_step_that_finds_the_database_busy_runs_again_until_its_deadline(tmp_path: Path) -> None:
+    """SQLite's busy_timeout ran out while another writer held the lock: the step is rolled back and tried
+    again (a migration batch is written to be run again), until the deadline, then StorageBusyError."""
+    path = tmp_path / "busy.db"
+    with sqlite3.connect(path) as setup:
+        setup.execute("PRAGMA journal_mode=WAL")
+        setup.execute("CREATE TABLE t (x)")
+    setup.close()
+    engine = sa_create_engine(f"sqlite:///{path}", isolation_level="AUTOCOMMIT")
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+    def hold_the_lock(seconds: float) -> threading.Thread:
+        holder.execute("BEGIN IMMEDIATE")
+        thread = threading.Timer(seconds, lambda: holder.execute("COMMIT"))
+        thread.start()
+        return thread
+
+    with engine.connect() as connection:
+        connection.exec_driver_sql("PRAGMA busy_timeout = 20")  # each try gives up quickly
+        release = hold_the_lock(0.5)
+        write_step(connection, lambda: connection.exec_driver_sql("INSERT INTO t VALUES (1)"), what="step")
+        release.join()
+        assert connection.exec_driver_sql("SELECT count(*) FROM t").scalar() == 1
+
+        release = hold_the_lock(1.0)
+        with pytest.raises(StorageBusyError, match="step failed: the database stayed locked"):
+            write_step(
+                connection, lambda: connection.exec_driver_sql("INSERT INTO t VALUES (2)"), what="step", deadline=0.2
+            )
+        release.join()
+        assert connection.exec_driver_sql("SELECT count(*) FROM t").scalar() == 1  # nothing of the refused step
+    holder.close()
+    engine.dispose()

@@ -24,7 +24,7 @@ from tests.oracle import make_trace, oracle_query
 from tracestore import AsyncTraceStore, TraceContext, TraceStore
 from tracestore.backfill import PROGRESS_TABLE
 from tracestore.engine import create_async_engine, create_engine
-from tracestore.migrate import current_revision, downgrade, head_revision, upgrade
+from tracestore.migrate import current_revision, downgrade, finalize, head_revision, upgrade
 from tracestore.migration_lock import migration_lock, migration_running
 from tracestore.models import SESSION_TIME_INDEX
 from tracestore.online import write_transaction
@@ -255,31 +255,37 @@ def legacy_database(url: str) -> None:
         engine.dispose()
 
 
+ORPHANS = [("gone-1", "s0"), ("zz-gone-2", "s0")]
+
+
 def assert_upgraded(url: str) -> None:
+    """At head, every link filled; the two orphan links kept (NULL) until finalize, which removes them."""
     engine = create_engine(url)
     try:
-        with engine.connect() as connection:
-            assert current_revision(connection) == head_revision()
-            rows = connection.exec_driver_sql(
-                "SELECT ts.trace_id, ts.session_uid, ts.created_at, t.created_at"
-                " FROM trace_sessions ts LEFT JOIN traces t ON t.id = ts.trace_id"
-            ).all()
-            assert sorted((trace_id, uid) for trace_id, uid, _, _ in rows) == sorted(LEGACY_LINKS)
-            assert all(copy == original for _, _, copy, original in rows)
-            assert "idx_trace_sessions_uid" not in index_names(connection, "trace_sessions")
-            assert PROGRESS_TABLE not in table_names(connection)
+        for links in (sorted(LEGACY_LINKS + ORPHANS), sorted(LEGACY_LINKS)):
+            with engine.connect() as connection:
+                assert current_revision(connection) == head_revision()
+                rows = connection.exec_driver_sql(
+                    "SELECT ts.trace_id, ts.session_uid, ts.created_at, t.created_at"
+                    " FROM trace_sessions ts LEFT JOIN traces t ON t.id = ts.trace_id"
+                ).all()
+                assert sorted((trace_id, uid) for trace_id, uid, _, _ in rows) == links
+                assert all(copy == original for _, _, copy, original in rows)
+                assert "idx_trace_sessions_uid" not in index_names(connection, "trace_sessions")
+                assert PROGRESS_TABLE not in table_names(connection)
+            finalize(engine)
     finally:
         engine.dispose()
 
 
-def test_upgrade_head_backfills_in_key_batches_and_removes_orphans_on_postgresql(pg_url: URL) -> None:
+def test_upgrade_head_backfills_in_key_batches_and_keeps_orphans_for_finalize_on_postgresql(pg_url: URL) -> None:
     url = pg_url.render_as_string(hide_password=False)
     legacy_database(url)
     reports = upgrade(url, batch_size=4)
-    assert_upgraded(url)
     backfill = reports["backfill"]
-    assert backfill.orphans_removed == 2 and backfill.rows_updated == len(LEGACY_LINKS)
+    assert backfill.orphans_kept == 2 and backfill.rows_updated == len(LEGACY_LINKS)
     assert backfill.rows_scanned == len(LEGACY_LINKS) + 2  # ceil(28 / 4) batches, every row once
+    assert_upgraded(url)
 
 
 KILL = str(Path(__file__).resolve().parent / "kill_during_upgrade.py")

@@ -16,7 +16,7 @@ from tests.backends import Backend
 from tracestore import TraceStore
 from tracestore.cli import main
 from tracestore.engine import create_engine
-from tracestore.migrate import current_revision, downgrade, head_revision, upgrade
+from tracestore.migrate import current_revision, downgrade, finalize, head_revision, upgrade
 from tracestore.models import SESSION_TIME_INDEX
 from tracestore.schema import FOLLOW_TRIGGER
 from tracestore.testing import make_traces
@@ -75,11 +75,14 @@ def plant(backend: Backend, *statements: str) -> None:
             connection.exec_driver_sql(statement)
 
 
-def fill(url: str) -> None:
-    """A database at head with 40 traces in three sessions, some of them in two."""
+def fill(url: str, *, finalized: bool = True) -> None:
+    """A database at head with 40 traces in three sessions, some of them in two; finalized (after the rolling
+    deploy: a link without its trace is an orphan for good) unless asked otherwise."""
     traces = make_traces(40, session_uids=["s1", "s2", "s3"], since=time.time() - 3600, seed=5, sessions_per_trace=2)
     with TraceStore(url) as store:
         store.store_batch(traces)
+    if finalized:
+        finalize(url)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Batched backfill of trace_sessions.created_at from traces, with orphan removal and resume.
+"""Batched backfill of trace_sessions.created_at from traces, with orphan links kept or removed, and resume.
 
 `backfill(connection)` picks the engine's way: rowid ranges on SQLite, primary-key ranges on
 PostgreSQL (which has no rowid; its (trace_id, session_uid) key is an index to range over).
@@ -6,7 +6,14 @@ PostgreSQL (which has no rowid; its (trace_id, session_uid) key is an index to r
 Each batch is its own short write transaction over a rowid range of the junction table (which also
 adds the batch's rows to the partial session index), so a concurrent writer waits at most one batch
 (the lock is left free between batches, see tracestore.online), a kill loses at most one batch of
-work, and the position is saved in the same transaction as the batch it describes.
+work, and the position is saved in the same transaction as the batch it describes. A batch that
+finds the database busy (SQLite's lock, a PostgreSQL deadlock) is rolled back and run again.
+
+Orphan links (a link whose trace does not exist) are not always dead: the previous release wrote a
+trace's links before the trace, each in its own transaction, so during a rolling deploy a link can
+be waiting for its trace. So while the rolling-deploy triggers exist (until `tracestore finalize`)
+the backfill only records the orphans it finds, in ORPHANS_TABLE; `remove_kept_orphans` (run by
+finalize, when no previous release writes any more) deletes those whose trace never came.
 """
 
 from __future__ import annotations
@@ -15,14 +22,19 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, inspect, text
 
-from tracestore.online import write_transaction
+from tracestore.errors import StorageError
+from tracestore.online import CheckpointError, write_step
 
 log = logging.getLogger("tracestore.migrate")
+T = TypeVar("T")
 
 PROGRESS_TABLE = "tracestore_backfill_progress"
+# Links found without their trace while a previous release may still be writing it (see the module doc).
+ORPHANS_TABLE = "tracestore_orphan_links"
 TASK = "trace_sessions.created_at"
 # Each batch adds one session-index entry per row, nearly each in its own page, while it holds the
 # write lock. Measured on a 1M-trace file under a concurrent writer (benchmarks/bench_migration.py):
@@ -38,13 +50,19 @@ class BackfillReport:
     rows_scanned: int = 0
     rows_updated: int = 0
     orphans_removed: int = 0
+    # Orphan links recorded in ORPHANS_TABLE and left in place for `tracestore finalize`.
+    orphans_kept: int = 0
     seconds: float = 0.0
 
 
 _NEXT_BOUND = text("SELECT rowid FROM trace_sessions WHERE rowid > :lo ORDER BY rowid LIMIT 1 OFFSET :skip")
-_DELETE_ORPHANS = text(
-    "DELETE FROM trace_sessions WHERE rowid > :lo AND rowid <= :hi"
+_ORPHANS_IN_RANGE = (
+    " FROM trace_sessions WHERE rowid > :lo AND rowid <= :hi"
     " AND NOT EXISTS (SELECT 1 FROM traces WHERE traces.id = trace_sessions.trace_id)"
+)
+_DELETE_ORPHANS = text("DELETE" + _ORPHANS_IN_RANGE)
+_KEEP_ORPHANS = text(
+    f"INSERT OR IGNORE INTO {ORPHANS_TABLE} (trace_id, session_uid) SELECT trace_id, session_uid" + _ORPHANS_IN_RANGE
 )
 # Only rows whose value differs are written, so a rerun over finished ranges costs reads only.
 _FILL = text(
@@ -61,8 +79,10 @@ def backfill_sqlite(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_progress: ProgressCallback | None = None,
+    remove_orphans: bool = False,
 ) -> BackfillReport:
-    """Fill every junction row's created_at from its trace; remove links to traces that do not exist.
+    """Fill every junction row's created_at from its trace; record (or, with remove_orphans, delete) links to
+    traces that do not exist.
 
     The connection must be in autocommit mode (Alembic's autocommit_block): this function opens and
     commits one IMMEDIATE transaction per batch itself.
@@ -71,6 +91,8 @@ def backfill_sqlite(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     run = connection.exec_driver_sql
     run(f"CREATE TABLE IF NOT EXISTS {PROGRESS_TABLE} (task TEXT PRIMARY KEY, last_rowid INTEGER NOT NULL)")
+    if not remove_orphans:
+        run(_CREATE_ORPHANS_TABLE)
     saved = connection.execute(
         text(f"SELECT last_rowid FROM {PROGRESS_TABLE} WHERE task = :task"), {"task": TASK}
     ).scalar()
@@ -80,6 +102,7 @@ def backfill_sqlite(
     log.info("backfill: batch size %d", batch_size)
     total = connection.execute(text("SELECT count(*) FROM trace_sessions WHERE rowid > :lo"), {"lo": low}).scalar_one()
     tracker = _Tracker(total, on_progress)
+    orphans = _DELETE_ORPHANS if remove_orphans else _KEEP_ORPHANS
     while True:
         high = connection.execute(_NEXT_BOUND, {"lo": low, "skip": batch_size - 1}).scalar()
         rows_in_batch = batch_size
@@ -93,28 +116,53 @@ def backfill_sqlite(
                 {"lo": low, "hi": high},
             ).scalar_one()
         bounds = {"lo": low, "hi": high}
-        with write_transaction(connection, checkpoint=True):
-            orphans = connection.execute(_DELETE_ORPHANS, bounds).rowcount
+
+        def batch(bounds: dict[str, int] = bounds, high: int = high) -> tuple[int, int]:
+            found = connection.execute(orphans, bounds).rowcount
             updated = connection.execute(_FILL, bounds).rowcount
             connection.execute(_SAVE, {"task": TASK, "hi": high})
-        tracker.add(rows_in_batch, updated, orphans)
+            return updated, found
+
+        updated, found = tracker.run(connection, batch, checkpoint=True)
+        tracker.add(rows_in_batch, updated, found, removed=remove_orphans)
         low = high
     return tracker.finish(connection)
 
 
+_CREATE_ORPHANS_TABLE = (
+    f"CREATE TABLE IF NOT EXISTS {ORPHANS_TABLE}"
+    " (trace_id TEXT NOT NULL, session_uid TEXT NOT NULL, PRIMARY KEY (trace_id, session_uid))"
+)
+
+
 class _Tracker:
-    """Both backfills' bookkeeping: totals, the progress callback, a log line every 5 s, the end."""
+    """Both backfills' bookkeeping: running a batch, totals, the progress callback, a log line every 5 s, the end."""
 
     def __init__(self, total: int, on_progress: ProgressCallback | None) -> None:
         self.report = BackfillReport()
         self.total, self.on_progress = total, on_progress
         self.started = self.last_log = time.monotonic()
 
-    def add(self, scanned: int, updated: int, orphans: int) -> None:
+    def run(self, connection: Connection, batch: Callable[[], T], *, checkpoint: bool = False) -> T:
+        """One batch in its own write transaction, run again while the database is busy; a failed
+        checkpoint after it is a StorageError saying what is done and what to do."""
+        try:
+            return write_step(connection, batch, what="backfill batch", checkpoint=checkpoint)
+        except CheckpointError as exc:
+            done = self.report.rows_scanned
+            raise StorageError(
+                f"backfill stopped: {exc}. {done:,} of {self.total:,} rows are done and the position is saved: "
+                f"{exc.advice}, then run it again, it resumes there"
+            ) from exc
+
+    def add(self, scanned: int, updated: int, orphans: int, *, removed: bool) -> None:
         report = self.report
         report.rows_scanned += scanned
         report.rows_updated += updated
-        report.orphans_removed += orphans
+        if removed:
+            report.orphans_removed += orphans
+        else:
+            report.orphans_kept += orphans
         if self.on_progress is not None:
             self.on_progress(report.rows_scanned, max(self.total, report.rows_scanned))
         now = time.monotonic()
@@ -136,10 +184,11 @@ class _Tracker:
         report = self.report
         report.seconds = time.monotonic() - self.started
         log.info(
-            "backfill: done, %d rows scanned, %d filled, %d orphan links removed, %.1fs",
+            "backfill: done, %d rows scanned, %d filled, %d orphan links removed, %d kept until finalize, %.1fs",
             report.rows_scanned,
             report.rows_updated,
             report.orphans_removed,
+            report.orphans_kept,
             report.seconds,
         )
         return report
@@ -150,10 +199,16 @@ def backfill(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_progress: ProgressCallback | None = None,
+    remove_orphans: bool = False,
 ) -> BackfillReport:
-    """backfill_sqlite or backfill_postgresql, by the connection's dialect."""
+    """backfill_sqlite or backfill_postgresql, by the connection's dialect.
+
+    `remove_orphans`: delete links whose trace does not exist. Only once no previous release writes
+    (after `tracestore finalize`): before that such a link may be waiting for its trace, so by
+    default it is kept and recorded for finalize (see the module doc).
+    """
     run = backfill_postgresql if connection.dialect.name == "postgresql" else backfill_sqlite
-    return run(connection, batch_size=batch_size, on_progress=on_progress)
+    return run(connection, batch_size=batch_size, on_progress=on_progress, remove_orphans=remove_orphans)
 
 
 # PostgreSQL: batches are ranges of the junction's primary key (trace_id, session_uid), lo < key <= hi.
@@ -180,9 +235,15 @@ _PG_LAST_KEY = text(
     "SELECT trace_id, session_uid, count(*) OVER () FROM trace_sessions"
     " WHERE (trace_id, session_uid) > (:lo_trace, :lo_uid) ORDER BY trace_id DESC, session_uid DESC LIMIT 1"
 )
-_PG_DELETE_ORPHANS = text(
-    f"DELETE FROM trace_sessions WHERE {_pg_range('trace_sessions')}"
+_PG_ORPHANS_IN_RANGE = (
+    f" FROM trace_sessions WHERE {_pg_range('trace_sessions')}"
     " AND NOT EXISTS (SELECT 1 FROM traces WHERE traces.id = trace_sessions.trace_id)"
+)
+_PG_DELETE_ORPHANS = text("DELETE" + _PG_ORPHANS_IN_RANGE)
+_PG_KEEP_ORPHANS = text(
+    f"INSERT INTO {ORPHANS_TABLE} (trace_id, session_uid) SELECT trace_id, session_uid"
+    + _PG_ORPHANS_IN_RANGE
+    + " ON CONFLICT DO NOTHING"
 )
 _PG_FILL = text(
     "UPDATE trace_sessions SET created_at = traces.created_at FROM traces"
@@ -201,6 +262,7 @@ def backfill_postgresql(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_progress: ProgressCallback | None = None,
+    remove_orphans: bool = False,
 ) -> BackfillReport:
     """backfill_sqlite's job on PostgreSQL: one BEGIN … COMMIT per primary-key range, position saved with it.
 
@@ -212,6 +274,8 @@ def backfill_postgresql(
         f"CREATE TABLE IF NOT EXISTS {PROGRESS_TABLE}"
         " (task TEXT PRIMARY KEY, last_trace_id TEXT NOT NULL, last_session_uid TEXT NOT NULL)"
     )
+    if not remove_orphans:
+        connection.exec_driver_sql(_CREATE_ORPHANS_TABLE)
     saved = connection.execute(
         text(f"SELECT last_trace_id, last_session_uid FROM {PROGRESS_TABLE} WHERE task = :task"), {"task": TASK}
     ).first()
@@ -224,6 +288,7 @@ def backfill_postgresql(
         {"lo_trace": low[0], "lo_uid": low[1]},
     ).scalar_one()
     tracker = _Tracker(total, on_progress)
+    orphans = _PG_DELETE_ORPHANS if remove_orphans else _PG_KEEP_ORPHANS
     while True:
         lo = {"lo_trace": low[0], "lo_uid": low[1]}
         bound = connection.execute(_PG_NEXT_BOUND, {**lo, "skip": batch_size - 1}).first()
@@ -237,12 +302,59 @@ def backfill_postgresql(
                 break
             high, rows_in_batch = (last[0], last[1]), last[2]
         bounds = {**lo, "hi_trace": high[0], "hi_uid": high[1]}
-        with write_transaction(connection):
+
+        def batch(bounds: dict[str, str] = bounds) -> tuple[int, int]:
             for setting in _PG_BATCH_SETTINGS:
                 connection.exec_driver_sql(setting)
-            orphans = connection.execute(_PG_DELETE_ORPHANS, bounds).rowcount
+            found = connection.execute(orphans, bounds).rowcount
             updated = connection.execute(_PG_FILL, bounds).rowcount
-            connection.execute(_PG_SAVE, {"task": TASK, "hi_trace": high[0], "hi_uid": high[1]})
-        tracker.add(rows_in_batch, updated, orphans)
+            connection.execute(_PG_SAVE, {"task": TASK, "hi_trace": bounds["hi_trace"], "hi_uid": bounds["hi_uid"]})
+            return updated, found
+
+        updated, found = tracker.run(connection, batch)
+        tracker.add(rows_in_batch, updated, found, removed=remove_orphans)
         low = high
     return tracker.finish(connection)
+
+
+# -- finalize: the kept orphans whose trace never came -------------------------------------------------
+_NEXT_KEPT = text(
+    f"SELECT trace_id, session_uid FROM {ORPHANS_TABLE} ORDER BY trace_id, session_uid LIMIT 1 OFFSET :skip"
+)
+_LAST_KEPT = text(f"SELECT trace_id, session_uid FROM {ORPHANS_TABLE} ORDER BY trace_id DESC, session_uid DESC LIMIT 1")
+_KEPT_UP_TO = f" FROM {ORPHANS_TABLE} k WHERE (k.trace_id, k.session_uid) <= (:hi_trace, :hi_uid)"
+# A kept link whose trace has arrived meanwhile stays: only links still without a trace go.
+_DELETE_KEPT_ORPHANS = text(
+    f"DELETE FROM trace_sessions WHERE (trace_id, session_uid) IN (SELECT k.trace_id, k.session_uid{_KEPT_UP_TO})"
+    " AND NOT EXISTS (SELECT 1 FROM traces WHERE traces.id = trace_sessions.trace_id)"
+)
+_FORGET_KEPT = text(f"DELETE FROM {ORPHANS_TABLE} WHERE (trace_id, session_uid) <= (:hi_trace, :hi_uid)")
+
+
+def remove_kept_orphans(connection: Connection, *, batch_size: int = DEFAULT_BATCH_SIZE) -> int:
+    """Delete the links the backfill kept (ORPHANS_TABLE) whose trace still does not exist; the count.
+
+    For `tracestore finalize`, once no previous release writes: a kept link whose trace never came is
+    an orphan for good. Batches of `batch_size` kept keys in key order, each its own write
+    transaction that also forgets the keys it handled, so a killed run is finished by the next one.
+    The connection must be in autocommit mode.
+    """
+    if not inspect(connection).has_table(ORPHANS_TABLE):
+        return 0
+    removed = 0
+    while True:
+        high = connection.execute(_NEXT_KEPT, {"skip": batch_size - 1}).first()
+        if high is None:
+            high = connection.execute(_LAST_KEPT).first()
+            if high is None:
+                break
+        bounds = {"hi_trace": high[0], "hi_uid": high[1]}
+
+        def batch(bounds: dict[str, str] = bounds) -> int:
+            deleted = connection.execute(_DELETE_KEPT_ORPHANS, bounds).rowcount
+            connection.execute(_FORGET_KEPT, bounds)
+            return int(deleted)
+
+        removed += write_step(connection, batch, what="finalize: removing kept orphan links", checkpoint=True)
+    connection.exec_driver_sql(f"DROP TABLE IF EXISTS {ORPHANS_TABLE}")
+    return removed

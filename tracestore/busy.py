@@ -67,6 +67,10 @@ class BusyRetry:
         cause = exc.__cause__
         if attempt.at_commit or not is_busy(cause):
             raise exc
+        return self.pause_for(cause)
+
+    def pause_for(self, cause: BaseException | None) -> float:
+        """Seconds to wait before trying a busy write again; StorageBusyError once the deadline has passed."""
         left = self._give_up - time.monotonic()
         if left <= 0:
             raise StorageBusyError(

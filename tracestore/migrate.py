@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,20 @@ from alembic.util import CommandError
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from tracestore.backfill import DEFAULT_BATCH_SIZE, remove_kept_orphans
 from tracestore.engine import create_engine, sync_url
 from tracestore.engine import shown as shown_url
-from tracestore.errors import RevisionError, SchemaOutOfDateError, StorageError
+from tracestore.errors import (
+    RevisionError,
+    SchemaOutOfDateError,
+    StorageError,
+    driver_reason,
+    is_disk_full,
+    storage_error,
+)
 from tracestore.migration_lock import migration_running
-from tracestore.online import write_transaction
-from tracestore.schema import ROLLING_DEPLOY_TRIGGERS, drop_copy_triggers, missing_copy_triggers
+from tracestore.online import ddl_step
+from tracestore.schema import ROLLING_DEPLOY_TRIGGERS, drop_copy_triggers, rolling_deploy_triggers
 
 UrlOrEngine = str | Engine
 Target = str | Engine | Connection
@@ -68,7 +77,7 @@ def _run(target: Target, action: Callable[[Config], None], **attributes: Any) ->
         with engine.connect() as connection:
             return _run(connection, action, **attributes)
     except SQLAlchemyError as exc:
-        raise StorageError(f"migration failed: {exc}") from exc
+        raise migration_storage_error("migration failed", exc) from exc
     finally:
         if owned:
             engine.dispose()
@@ -93,12 +102,22 @@ def downgrade(target: Target, revision: str, *, drop_data: bool = False) -> None
     _run(target, lambda config: command.downgrade(config, revision), drop_data=drop_data)
 
 
-def finalize(target: UrlOrEngine) -> list[str]:
-    """End the rolling deploy: drop the triggers that stamp the previous release's writes; returns their names.
+@dataclass(frozen=True)
+class FinalizeReport:
+    """What `finalize` did: the rolling-deploy triggers it dropped, the kept orphan links it removed."""
+
+    dropped: list[str] = field(default_factory=list)
+    orphans_removed: int = 0
+
+
+def finalize(target: UrlOrEngine, *, batch_size: int = DEFAULT_BATCH_SIZE) -> FinalizeReport:
+    """End the rolling deploy: drop the triggers that stamp the previous release's writes, and delete the
+    orphan links the upgrade kept whose trace never came.
 
     Run it once no instance of the previous release writes any more. From then on a link inserted
     without created_at stays NULL and is invisible to session queries until `tracestore verify --fix`.
-    Idempotent; refused below head (the upgrade still needs the triggers).
+    Idempotent, and a killed run is finished by the next; refused below head (the upgrade still
+    needs the triggers).
     """
     engine, owned = _engine(target)
     try:
@@ -109,18 +128,27 @@ def finalize(target: UrlOrEngine) -> list[str]:
                     f"database is at revision {current or 'none (legacy or empty)'}: finalize after "
                     "`tracestore upgrade` has reached head and the previous release has stopped writing"
                 )
-            present = [name for name in ROLLING_DEPLOY_TRIGGERS if name not in missing_copy_triggers(connection)]
+            present = rolling_deploy_triggers(connection)
             connection.commit()
         with engine.connect() as connection:
             autocommit = connection.execution_options(isolation_level="AUTOCOMMIT")
-            with write_transaction(autocommit):
-                for statement in drop_copy_triggers(ROLLING_DEPLOY_TRIGGERS, dialect=autocommit.dialect.name):
+            dialect = autocommit.dialect.name
+
+            def drop_triggers() -> None:
+                for statement in drop_copy_triggers(ROLLING_DEPLOY_TRIGGERS, dialect=dialect):
                     autocommit.execute(statement)
-        for name in present:
-            log.info("dropped trigger %s", name)
-        return present
+
+            # DROP TRIGGER locks its table exclusively: both tables, in the application's order.
+            locks = (("traces", "ACCESS EXCLUSIVE"), ("trace_sessions", "ACCESS EXCLUSIVE"))
+            ddl_step(autocommit, drop_triggers, what="finalize: drop the rolling-deploy triggers", locks=locks)
+            for name in present:
+                log.info("dropped trigger %s", name)
+            removed = remove_kept_orphans(autocommit, batch_size=batch_size)
+        if removed:
+            log.info("removed %d orphan links the upgrade had kept", removed)
+        return FinalizeReport(dropped=present, orphans_removed=removed)
     except SQLAlchemyError as exc:
-        raise StorageError(f"finalize failed: {exc}") from exc
+        raise migration_storage_error("finalize failed", exc) from exc
     finally:
         if owned:
             engine.dispose()
@@ -138,7 +166,7 @@ def current_revision(target: Target) -> str | None:
         with engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()
     except SQLAlchemyError as exc:
-        raise StorageError(f"cannot read the schema revision: {exc}") from exc
+        raise storage_error("cannot read the schema revision", exc) from exc
     finally:
         if owned:
             engine.dispose()
@@ -212,6 +240,16 @@ def is_at_least(revision: str, ancestor: str) -> bool:
         return any(step.revision == ancestor for step in script.iterate_revisions(revision, "base"))
     except CommandError as exc:
         raise RevisionError(f"unknown revision {revision!r} in the database: {exc}") from exc
+
+
+def migration_storage_error(action: str, exc: BaseException) -> StorageError:
+    """A migration's driver error as a StorageError: the driver's reason and, on a full disk, what to do."""
+    advice = (
+        "; what committed before is kept: free disk space, then run the command again, it goes on from there"
+        if is_disk_full(exc)
+        else ""
+    )
+    return StorageError(f"{action}: {driver_reason(exc)}{advice}")
 
 
 def _engine(target: UrlOrEngine) -> tuple[Engine, bool]:

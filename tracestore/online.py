@@ -16,6 +16,7 @@ dropping idx_trace_sessions_uid took 0.54 s in one run and 2.62 s in another, wi
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,7 +25,8 @@ from typing import TypeVar
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
-from tracestore.errors import MigrationError
+from tracestore.busy import BUSY_DEADLINE, BusyRetry, is_busy
+from tracestore.errors import MigrationError, StorageError, driver_reason, is_disk_full
 
 log = logging.getLogger("tracestore.migrate")
 T = TypeVar("T")
@@ -37,7 +39,6 @@ CHECKPOINT_WAIT_MS = 100
 # tried again before the migration gives up (see ddl_step).
 LOCK_TIMEOUT_MS = 2_000
 LOCK_WAIT_SECONDS = 600.0
-LOCK_NOT_AVAILABLE = "55P03"
 
 
 def pause_for_waiting_writers(held_seconds: float) -> float:
@@ -72,7 +73,7 @@ def write_transaction(connection: Connection, *, checkpoint: bool = False) -> It
         yield
         run("COMMIT")
     except BaseException:
-        run("ROLLBACK")
+        _roll_back(connection)
         raise
     if not sqlite:
         return
@@ -82,27 +83,90 @@ def write_transaction(connection: Connection, *, checkpoint: bool = False) -> It
     time.sleep(pause_for_waiting_writers(held))
 
 
+def _roll_back(connection: Connection) -> None:
+    """ROLLBACK after a failed step, keeping the step's own error as the one raised.
+
+    SQLite rolls a transaction back by itself on some errors (a full disk, an I/O error), and the
+    explicit ROLLBACK then fails with "no transaction is active", which would hide the real cause.
+    """
+    try:
+        connection.exec_driver_sql("ROLLBACK")
+    except Exception as exc:  # the step's error is the one that matters; a broken connection is discarded by the pool
+        log.debug("ROLLBACK after a failed step failed too: %s", driver_reason(exc))
+
+
+def write_step(
+    connection: Connection,
+    step: Callable[[], T],
+    *,
+    what: str,
+    checkpoint: bool = False,
+    deadline: float = BUSY_DEADLINE,
+) -> T:
+    """Run `step` in one write transaction (write_transaction), again while the database is busy.
+
+    Busy means SQLite's lock stayed taken past busy_timeout, or PostgreSQL aborted the transaction as
+    a deadlock victim, a serialization failure or a lock timeout: the transaction was rolled back
+    whole, so a step written to be run again (every migration batch is) can simply be retried. Pauses
+    are jittered and growing, as the store's writes do (tracestore.busy); past `deadline` the last
+    error is raised as StorageBusyError.
+    """
+    policy = BusyRetry(what, deadline)
+    while True:
+        policy.attempt()
+        try:
+            with write_transaction(connection, checkpoint=checkpoint):
+                return step()
+        except DBAPIError as exc:
+            if not is_busy(exc):
+                raise
+            pause = policy.pause_for(exc)
+            log.info("%s: %s (try %d), trying again", what, driver_reason(exc), policy.attempts)
+            time.sleep(pause)
+
+
 def restart_wal(connection: Connection) -> None:
     """Checkpoint the WAL and let the next writer start it over, so it stays about one transaction long.
 
-    A backfill batch writes about one 4 KB page per row (each row's index entry lands in a different
-    page): ~40 MB of WAL per 10,000 rows on a 10M-trace file. SQLite restarts the WAL only when a write
-    transaction begins with every frame checkpointed; with another process committing between batches
-    that never happened, and the WAL passed 17 GB in a minute. RESTART waits for the other
-    connections, but at most CHECKPOINT_WAIT_MS (the next batch tries again).
+    A backfill batch writes about one page per row (each row's index entry lands in a different
+    page). SQLite restarts the WAL only when a write transaction begins with every frame
+    checkpointed, which a writer committing between batches prevents, so without this the WAL grows
+    without bound. RESTART waits for the other connections, but at most CHECKPOINT_WAIT_MS (the next
+    batch tries again). The transaction before it has committed: a failure here (a full disk) is a
+    StorageError saying so.
     """
-    cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    dbapi = connection.connection.dbapi_connection
+    assert dbapi is not None
     try:
-        cursor.execute("PRAGMA busy_timeout")
-        (previous,) = cursor.fetchone() or (0,)
-        cursor.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
+        cursor = dbapi.cursor()
         try:
-            cursor.execute("PRAGMA wal_checkpoint(RESTART)")
-            cursor.fetchall()
+            cursor.execute("PRAGMA busy_timeout")
+            (previous,) = cursor.fetchone() or (0,)
+            cursor.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
+            try:
+                cursor.execute("PRAGMA wal_checkpoint(RESTART)")
+                cursor.fetchall()
+            finally:
+                cursor.execute(f"PRAGMA busy_timeout={int(previous)}")
         finally:
-            cursor.execute(f"PRAGMA busy_timeout={int(previous)}")
-    finally:
-        cursor.close()
+            cursor.close()
+    except connection.dialect.loaded_dbapi.Error as exc:
+        raise CheckpointError(exc) from exc
+
+
+class CheckpointError(StorageError):
+    """The WAL checkpoint after a committed transaction failed; what that transaction wrote is safe in the WAL.
+
+    `advice`: what to do before running the command again.
+    """
+
+    def __init__(self, exc: BaseException) -> None:
+        self.advice = (
+            "free some disk space"
+            if is_disk_full(exc)
+            else "make sure the database file can be written (free space, quotas, file size limits)"
+        )
+        super().__init__(f"the WAL checkpoint after a committed batch failed: {driver_reason(exc)}")
 
 
 def read_into_cache(connection: Connection, table: str, index: str | None = None) -> None:
@@ -118,19 +182,28 @@ def read_into_cache(connection: Connection, table: str, index: str | None = None
     connection.exec_driver_sql(f"SELECT count(*) FROM {source}").scalar()
 
 
-def ddl_step(connection: Connection, step: Callable[[], T], *, what: str) -> T:
+# The order the application locks the tables in: it writes a trace before its links, and deleting a
+# trace cascades to its links. A schema step that locks them in the other order can deadlock with it.
+APPLICATION_LOCK_ORDER = ("traces", "trace_sessions")
+
+
+def ddl_step(connection: Connection, step: Callable[[], T], *, what: str, locks: tuple[tuple[str, str], ...] = ()) -> T:
     """Run `step` (schema changes) in one write transaction; on PostgreSQL, without stalling the table.
 
     ALTER TABLE and CREATE TRIGGER need a table lock that conflicts with every reader. Queued behind
     one long transaction, the lock request would in turn make every new query of the table queue
     behind it: an outage for as long as that transaction runs. So each try waits at most
     LOCK_TIMEOUT_MS for the lock, rolls back and steps aside on timeout, and tries again until
-    LOCK_WAIT_SECONDS have passed; then MigrationError, with nothing of the step applied.
-    SQLite: one write transaction (its writers queue on the database lock, see write_transaction).
+    LOCK_WAIT_SECONDS have passed; then MigrationError, with nothing of the step applied. A try
+    chosen as a deadlock victim (or a serialization failure) is rolled back whole and tried again
+    the same way. `locks`: (table, lock mode) taken first, in APPLICATION_LOCK_ORDER, so that the
+    step's own statements lock nothing the application could be holding the other way round.
+    SQLite: one write transaction (its writers queue on the database lock, see write_transaction),
+    retried while the database stays busy (write_step).
     """
     if connection.dialect.name == "sqlite":
-        with write_transaction(connection):
-            return step()
+        return write_step(connection, step, what=what)
+    ordered = sorted(locks, key=lambda lock: APPLICATION_LOCK_ORDER.index(lock[0]))
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     tries = 0
     while True:
@@ -138,16 +211,19 @@ def ddl_step(connection: Connection, step: Callable[[], T], *, what: str) -> T:
         try:
             with write_transaction(connection):
                 connection.exec_driver_sql(f"SET LOCAL lock_timeout = {int(LOCK_TIMEOUT_MS)}")
+                for table, mode in ordered:  # schema names and modes from the migrations, never user input
+                    connection.exec_driver_sql(f"LOCK TABLE {table} IN {mode} MODE")
                 return step()
         except DBAPIError as exc:
-            code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-            if code != LOCK_NOT_AVAILABLE:
+            if not is_busy(exc):
                 raise
             if time.monotonic() >= deadline:
                 raise MigrationError(
-                    f"{what}: could not take its table lock in {tries} tries over {LOCK_WAIT_SECONDS:.0f}s; a"
-                    " long transaction holds a conflicting lock (see pg_locks / pg_stat_activity). Nothing"
+                    f"{what}: could not take its table lock in {tries} tries over {LOCK_WAIT_SECONDS:.0f}s;"
+                    " a long transaction holds a conflicting lock (see pg_locks / pg_stat_activity). Nothing"
                     " of this step was applied; run the upgrade again when it has ended."
                 ) from exc
-            log.info("%s: table lock busy (try %d), stepping aside and trying again", what, tries)
-            time.sleep(min(0.05 * tries, 1.0))
+            reason = str(driver_reason(exc)).strip()
+            log.info("%s: table lock busy (%s; try %d), stepping aside and trying again", what, reason, tries)
+            # Jittered, so two steps that deadlocked with each other do not meet again in step.
+            time.sleep(min(0.05 * tries, 1.0) * random.uniform(0.5, 1.5))

@@ -34,7 +34,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from tracestore.engine import create_engine, sync_url
-from tracestore.errors import MigrationError, SchemaOutOfDateError, StorageError
+from tracestore.errors import MigrationError, SchemaOutOfDateError, storage_error
 from tracestore.migrate import current_revision, head_revision
 from tracestore.migration_lock import migration_lock
 from tracestore.models import SESSION_TIME_INDEX, SESSION_TIME_INDEX_COLUMNS, SESSION_TIME_INDEX_WHERE
@@ -185,7 +185,7 @@ def partition(target: str | Engine, *, months: int = 1, ahead: int = 3, now: flo
                     connection.exec_driver_sql(statement)
                 return partitions(connection)
     except SQLAlchemyError as exc:
-        raise StorageError(f"partitioning trace_sessions failed, nothing changed: {exc}") from exc
+        raise storage_error("partitioning trace_sessions failed, nothing changed", exc) from exc
     finally:
         if owned:
             engine.dispose()
@@ -205,7 +205,7 @@ def add_partitions(target: str | Engine, *, months: int = 1, ahead: int = 3, now
                 connection.exec_driver_sql(statement)
             return [partition_name(lower) for lower in bounds[:-1]]
     except SQLAlchemyError as exc:
-        raise StorageError(f"adding partitions failed: {exc}") from exc
+        raise storage_error("adding partitions failed", exc) from exc
     finally:
         if owned:
             engine.dispose()
@@ -244,7 +244,7 @@ def drop_partitions_before(target: str | Engine, before: float, *, batch_size: i
             if count < batch_size:
                 return Retention([p.name for p in expired], deleted, cutoff)
     except SQLAlchemyError as exc:
-        raise StorageError(f"retention failed: {exc}") from exc
+        raise storage_error("retention failed", exc) from exc
     finally:
         if owned:
             engine.dispose()

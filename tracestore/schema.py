@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Connection, Index, TextClause, inspect, text
 from sqlalchemy.schema import CreateIndex, DropIndex
 
-from tracestore.errors import TraceStoreError
+from tracestore.errors import TraceStoreError, storage_error
 from tracestore.models import SESSION_TIME_INDEX, SESSION_TIME_INDEX_COLUMNS, SESSION_TIME_INDEX_WHERE, Base
 
 # Bounded ANALYZE: statistics from a sample of each index, seconds even at 100 GB.
@@ -25,6 +25,8 @@ def _pragma(connection: Connection, statement: str) -> Any:
         cursor.execute(f"PRAGMA {statement}")
         row = cursor.fetchone()
         return row[0] if row else None
+    except connection.dialect.loaded_dbapi.Error as exc:
+        raise storage_error(f"PRAGMA {statement} failed", exc) from exc
     finally:
         cursor.close()
 
@@ -229,6 +231,12 @@ def missing_copy_triggers(connection: Connection, names: tuple[str, ...] = tuple
     )
     present = {name for (name,) in connection.exec_driver_sql(query).all()}
     return [name for name in names if name not in present]
+
+
+def rolling_deploy_triggers(connection: Connection) -> list[str]:
+    """The rolling-deploy triggers still present: none once `tracestore finalize` has run."""
+    missing = missing_copy_triggers(connection, ROLLING_DEPLOY_TRIGGERS)
+    return [name for name in ROLLING_DEPLOY_TRIGGERS if name not in missing]
 
 
 def _session_index() -> Index:

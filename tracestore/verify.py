@@ -27,18 +27,18 @@ from sqlalchemy.exc import SQLAlchemyError
 from tracestore import migrate
 from tracestore.backfill import DEFAULT_BATCH_SIZE, PROGRESS_TABLE, backfill
 from tracestore.engine import create_engine, missing_sqlite_file, shown, sync_url
-from tracestore.errors import StorageError
+from tracestore.errors import StorageError, storage_error
 from tracestore.models import SESSION_TIME_INDEX, SESSION_TIME_INDEX_COLUMNS, SESSION_TIME_INDEX_WHERE
-from tracestore.online import write_transaction
+from tracestore.online import ddl_step
 from tracestore.schema import (
     BOUNDED_ANALYZE,
     REQUIRED_TRIGGERS,
-    ROLLING_DEPLOY_TRIGGERS,
     create_copy_triggers,
     create_session_index,
     drop_session_index,
     freed_pages_not_zeroed,
     missing_copy_triggers,
+    rolling_deploy_triggers,
     session_index_drift,
 )
 
@@ -140,7 +140,7 @@ def verify(
                 report.checks = run_checks(connection)
         return report
     except SQLAlchemyError as exc:
-        raise StorageError(f"cannot verify the database: {exc}") from exc
+        raise storage_error("cannot verify the database", exc) from exc
     finally:
         if owned:
             engine.dispose()
@@ -153,9 +153,12 @@ def run_checks(connection: Connection) -> list[Check]:
     at_head = revision == head
     titles = _titles(connection.dialect.name)
     with connection.begin():
+        # Before finalize a previous release may still be writing a trace whose links it committed
+        # first: links without their trace are expected then, and kept (tracestore.backfill).
+        finalized = at_head and not rolling_deploy_triggers(connection)
         checks = [_schema_check(connection, revision, head)]
         if at_head:
-            checks += [_created_at_check(connection), _orphans_check(connection)]
+            checks += [_created_at_check(connection), _orphans_check(connection, finalized=finalized)]
             checks += [_index_check(connection), _trigger_check(connection)]
         else:
             checks += [
@@ -163,9 +166,9 @@ def run_checks(connection: Connection) -> list[Check]:
                 for name in _NEEDS_HEAD
             ]
         if connection.dialect.name == "postgresql":
-            checks += [_pg_invalid_index_check(connection), _pg_foreign_key_check(connection)]
+            checks += [_pg_invalid_index_check(connection), _pg_foreign_key_check(connection, finalized=finalized)]
         else:
-            checks += [_integrity_check(connection), _foreign_key_check(connection)]
+            checks += [_integrity_check(connection), _foreign_key_check(connection, finalized=finalized)]
     return checks
 
 
@@ -232,8 +235,29 @@ def _created_at_check(connection: Connection) -> Check:
     )
 
 
-def _orphans_check(connection: Connection) -> Check:
-    return _rows_check(connection, ORPHANS, _ORPHANED, "{count} links to traces that do not exist")
+# Said of links without a trace before `tracestore finalize`, where they are expected and kept.
+KEPT_ORPHANS = (
+    "{count} links whose trace does not exist (yet) are kept: a previous release may still be writing their"
+    " traces; after `tracestore finalize`, links still without a trace are removed (finalize, verify --fix)"
+)
+
+
+def _orphans_check(connection: Connection, *, finalized: bool) -> Check:
+    check = _rows_check(connection, ORPHANS, _ORPHANED, "{count} links to traces that do not exist")
+    return check if finalized else _kept(check)
+
+
+def _kept(check: Check) -> Check:
+    """A check failed only by links without a trace, before finalize: ok, with the links named in the details."""
+    if check.ok:
+        return check
+    return Check(
+        check.name,
+        check.title,
+        ok=True,
+        count=check.count,
+        details=(KEPT_ORPHANS.format(count=check.count), *check.details),
+    )
 
 
 def _index_check(connection: Connection) -> Check:
@@ -305,7 +329,7 @@ def _normalized(sql: str) -> str:
 def _trigger_check(connection: Connection) -> Check:
     missing = missing_copy_triggers(connection, REQUIRED_TRIGGERS)
     missing += [name for name in _disabled_triggers(connection) if name in REQUIRED_TRIGGERS]
-    rolling = [name for name in ROLLING_DEPLOY_TRIGGERS if name not in missing_copy_triggers(connection)]
+    rolling = rolling_deploy_triggers(connection)
     details = (
         (
             f"rolling-deploy triggers present ({', '.join(rolling)}): `tracestore finalize` drops them once no "
@@ -381,21 +405,24 @@ def _pg_invalid_index_check(connection: Connection) -> Check:
     )
 
 
-def _foreign_key_check(connection: Connection) -> Check:
+def _foreign_key_check(connection: Connection, *, finalized: bool = True) -> Check:
     rows = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+    title = _title(connection, FOREIGN_KEYS)
     if not rows:
-        return Check(FOREIGN_KEYS, _title(connection, FOREIGN_KEYS), ok=True)
-    return Check(
+        return Check(FOREIGN_KEYS, title, ok=True)
+    check = Check(
         FOREIGN_KEYS,
-        _title(connection, FOREIGN_KEYS),
+        title,
         ok=False,
         problem=f"{len(rows)} rows reference a missing parent",
         count=len(rows),
         details=tuple(f"{table} rowid {rowid} -> {parent}" for table, rowid, parent, _ in rows[:SAMPLE_ROWS]),
     )
+    only_links = all((table, parent) == ("trace_sessions", "traces") for table, _, parent, _ in rows)
+    return _kept(check) if only_links and not finalized else check
 
 
-def _pg_foreign_key_check(connection: Connection) -> Check:
+def _pg_foreign_key_check(connection: Connection, *, finalized: bool = True) -> Check:
     """PRAGMA foreign_key_check's answer on PostgreSQL: the rows each foreign key should have refused.
 
     The server enforces the constraints, but rows written with triggers off (session_replication_role =
@@ -404,7 +431,7 @@ def _pg_foreign_key_check(connection: Connection) -> Check:
     inspector = inspect(connection)
     quote = connection.dialect.identifier_preparer.quote
     tables = [table for table in ("traces", "trace_sessions") if inspector.has_table(table)]
-    count, details = 0, []
+    count, details, only_links = 0, [], True
     for table in tables:
         for key in inspector.get_foreign_keys(table):
             pairs = " AND ".join(
@@ -420,13 +447,14 @@ def _pg_foreign_key_check(connection: Connection) -> Check:
             if not found:
                 continue
             count += found
+            only_links = only_links and (table, key["referred_table"]) == ("trace_sessions", "traces")
             columns = ", ".join(quote(child) for child in key["constrained_columns"])
             for values in connection.exec_driver_sql(f"SELECT {columns}{from_where} LIMIT {SAMPLE_ROWS}"):
                 details.append(f"{table} {tuple(values)!r} -> {key['referred_table']} ({key['name']})")
     title = _title(connection, FOREIGN_KEYS)
     if not count:
         return Check(FOREIGN_KEYS, title, ok=True)
-    return Check(
+    check = Check(
         FOREIGN_KEYS,
         title,
         ok=False,
@@ -434,6 +462,7 @@ def _pg_foreign_key_check(connection: Connection) -> Check:
         count=count,
         details=tuple(details[:SAMPLE_ROWS]),
     )
+    return _kept(check) if only_links and not finalized else check
 
 
 def _repair(
@@ -454,7 +483,8 @@ def _repair(
         # Outside any transaction, CONCURRENTLY: writers carry on while the index is dropped and built.
         _rebuild_session_index_concurrently(autocommit)
     if failing & {INDEX, TRIGGER}:
-        with write_transaction(autocommit):
+
+        def recreate() -> None:
             if INDEX in failing and not postgresql:
                 autocommit.execute(drop_session_index())
                 autocommit.execute(create_session_index())
@@ -462,6 +492,8 @@ def _repair(
                 # CREATE OR REPLACE on PostgreSQL also brings back a disabled trigger enabled.
                 for trigger in create_copy_triggers(REQUIRED_TRIGGERS, dialect=autocommit.dialect.name):
                     autocommit.execute(trigger)
+
+        ddl_step(autocommit, recreate, what="verify --fix", locks=(("traces", "SHARE ROW EXCLUSIVE"),))
         if INDEX in failing:
             for statement in ("ANALYZE trace_sessions",) if postgresql else BOUNDED_ANALYZE:
                 run(statement)
@@ -472,11 +504,16 @@ def _repair(
         # A leftover position (an interrupted earlier fix) would skip the rows before it: start over.
         run(f"DROP TABLE IF EXISTS {PROGRESS_TABLE}")
         started = time.monotonic()
-        report = backfill(autocommit, batch_size=batch_size, on_progress=on_progress)
+        finalized = not rolling_deploy_triggers(autocommit)
+        report = backfill(autocommit, batch_size=batch_size, on_progress=on_progress, remove_orphans=finalized)
+        orphans = (
+            f"removed {report.orphans_removed} orphan links"
+            if finalized
+            else f"kept {report.orphans_kept} links without a trace for `tracestore finalize`"
+        )
         repairs.append(
-            f"set created_at of {report.rows_updated} links and removed {report.orphans_removed} orphan "
-            f"links ({report.rows_scanned} links scanned in batches of {batch_size}, "
-            f"{time.monotonic() - started:.2f} s)"
+            f"set created_at of {report.rows_updated} links and {orphans} ({report.rows_scanned} links scanned in "
+            f"batches of {batch_size}, {time.monotonic() - started:.2f} s)"
         )
     return repairs
 

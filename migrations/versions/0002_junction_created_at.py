@@ -18,7 +18,9 @@ step is written to be run again, so a run killed between them is finished by the
    at 10M traces).
 
 On PostgreSQL, step 1 waits for its table locks at most online.LOCK_TIMEOUT_MS per try (queued
-behind a long transaction, it would stall every query of the table), and steps 2 and 3 are
+behind a long transaction, it would stall every query of the table), takes them in the order the
+application does (traces, then trace_sessions) so that it cannot deadlock with a writer or a cascading
+delete, and is tried again if it is chosen as a deadlock victim all the same. Steps 2 and 3 are
 DROP/CREATE INDEX CONCURRENTLY outside any transaction, so neither holds a lock that stops writers.
 A build interrupted last time (an INVALID index) is dropped and built again, and the new index is
 checked valid before the revision is recorded.
@@ -36,7 +38,7 @@ import sqlalchemy as sa
 from alembic import context, op
 
 from tracestore.models import SESSION_TIME_INDEX, EpochSeconds
-from tracestore.online import ddl_step, read_into_cache, write_transaction
+from tracestore.online import ddl_step, read_into_cache, write_step
 from tracestore.schema import (
     column_names,
     create_copy_triggers,
@@ -70,7 +72,12 @@ def upgrade() -> None:
     timings: dict[str, float] = {}
     with op.get_context().autocommit_block():
         started = time.monotonic()
-        ddl_step(connection, _add_column_and_triggers, what="add trace_sessions.created_at and its triggers")
+        ddl_step(
+            connection,
+            _add_column_and_triggers,
+            what="add trace_sessions.created_at and its triggers",
+            locks=(("traces", "SHARE ROW EXCLUSIVE"), ("trace_sessions", "ACCESS EXCLUSIVE")),
+        )
         timings["add_column_seconds"] = time.monotonic() - started
 
         started = time.monotonic()
@@ -80,8 +87,11 @@ def upgrade() -> None:
             if "idx_trace_sessions_trace" in index_names(connection, "trace_sessions"):
                 read_into_cache(connection, "trace_sessions", "idx_trace_sessions_trace")  # not under the lock
                 started = time.monotonic()
-            with write_transaction(connection):
-                op.drop_index("idx_trace_sessions_trace", table_name="trace_sessions", if_exists=True)
+            write_step(
+                connection,
+                lambda: op.drop_index("idx_trace_sessions_trace", table_name="trace_sessions", if_exists=True),
+                what="drop idx_trace_sessions_trace",
+            )
         timings["drop_trace_index_seconds"] = time.monotonic() - started
 
         if postgresql:
@@ -91,8 +101,7 @@ def upgrade() -> None:
         else:
             read_into_cache(connection, "trace_sessions")  # the pages CREATE INDEX scans, read without the lock
             started = time.monotonic()
-            with write_transaction(connection):
-                op.execute(create_session_index())
+            write_step(connection, lambda: op.execute(create_session_index()), what=f"create {SESSION_TIME_INDEX}")
         timings["index_seconds"] = time.monotonic() - started
     context.config.attributes.setdefault("reports", {}).setdefault("index", {}).update(timings)
     log.info(

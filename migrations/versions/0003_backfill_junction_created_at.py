@@ -1,9 +1,13 @@
-"""Backfill trace_sessions.created_at from traces in bounded batches; remove orphan links.
+"""Backfill trace_sessions.created_at from traces in bounded batches; record orphan links for finalize.
 
 Runs outside the migration transaction (autocommit block): every batch commits on its own and saves
 its position, so a killed run resumes where it stopped. Each batch also fills the partial session
 index that 0002 created empty. Batch size: `-x batch_size=N`, then $TRACESTORE_BATCH_SIZE, then the
 default (tracestore upgrade --batch-size sets the same).
+
+A link whose trace does not exist is kept: the previous release, still writing during a rolling
+deploy, commits a trace's links before the trace. The backfill records such links and `tracestore
+finalize` deletes the ones whose trace never came (tracestore.backfill).
 
 Revision ID: 0003
 Revises: 0002
@@ -16,7 +20,7 @@ import os
 
 from alembic import context, op
 
-from tracestore.backfill import DEFAULT_BATCH_SIZE, backfill
+from tracestore.backfill import DEFAULT_BATCH_SIZE, ORPHANS_TABLE, backfill
 
 revision = "0003"
 down_revision = "0002"
@@ -40,12 +44,15 @@ def upgrade() -> None:
             on_progress=context.config.attributes.get("on_progress"),
         )
     context.config.attributes.setdefault("reports", {})["backfill"] = report
-    if report.orphans_removed:
-        log.warning("removed %d trace_sessions rows whose trace does not exist", report.orphans_removed)
+    if report.orphans_kept:
+        log.warning(
+            "kept %d trace_sessions rows whose trace does not exist (yet): `tracestore finalize` removes those whose"
+            " trace never comes",
+            report.orphans_kept,
+        )
 
 
 def downgrade() -> None:
-    # Nothing to undo: at revision 0002 the column exists and may hold values (writers of this
-    # release fill it). Orphan links removed on the way up were dangling references to deleted
-    # traces and are not restored.
-    pass
+    # At revision 0002 the column exists and may hold values (writers of this release fill it), so it
+    # stays. The record of kept orphan links goes: the links themselves stay, as the legacy schema had them.
+    op.execute(f"DROP TABLE IF EXISTS {ORPHANS_TABLE}")

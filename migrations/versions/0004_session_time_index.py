@@ -21,7 +21,7 @@ import time
 
 from alembic import context, op
 
-from tracestore.online import read_into_cache, write_transaction
+from tracestore.online import read_into_cache, write_step
 from tracestore.schema import BOUNDED_ANALYZE, drop_index_concurrently, index_names
 
 revision = "0004"
@@ -43,8 +43,11 @@ def upgrade() -> None:
             if "idx_trace_sessions_uid" in index_names(connection, "trace_sessions"):
                 read_into_cache(connection, "trace_sessions", "idx_trace_sessions_uid")
             started = time.monotonic()
-            with write_transaction(connection):
-                op.drop_index("idx_trace_sessions_uid", table_name="trace_sessions", if_exists=True)
+            write_step(
+                connection,
+                lambda: op.drop_index("idx_trace_sessions_uid", table_name="trace_sessions", if_exists=True),
+                what="drop idx_trace_sessions_uid",
+            )
         dropped = time.monotonic()
     if connection.dialect.name == "postgresql":
         # The backfill updated every link: each has a dead old version, and no page is marked
