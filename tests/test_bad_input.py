@@ -17,7 +17,7 @@ import string
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import sqlalchemy
 from click.testing import CliRunner
 
 from tests.backends import Backend
+from tests.filesystems import tmpfs
 from tests.oracle import make_trace as make
 from tests.oracle import oracle_query
 from tracestore import (
@@ -284,19 +285,6 @@ def test_a_directory_is_not_a_database(tmp_path: Path) -> None:
 
 
 # -- the disk: read-only, full ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A small tmpfs at `path` (root only): a real file system that fills up or turns read-only."""
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}); the RLIMIT_FSIZE test runs")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
 def integrity(path: Path) -> list[tuple[Any, ...]]:
     with contextlib.closing(sqlite3.connect(path)) as connection:
         return connection.execute("PRAGMA integrity_check").fetchall()

@@ -35,8 +35,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tracestore.busy import Attempt, retry_busy, retry_busy_async
 from tracestore.engine import WRITE
-from tracestore.errors import InvalidQueryError, StorageError
-from tracestore.online import pause_for_waiting_writers, restart_wal
+from tracestore.errors import InvalidQueryError, StorageError, is_disk_full
+from tracestore.online import CheckpointError, pause_for_waiting_writers, restart_wal
 from tracestore.queries import compiled
 from tracestore.retention_queries import retention_statements_for
 from tracestore.rows import storage_error
@@ -319,13 +319,16 @@ def _write(engine: Engine, step: Callable[[Connection], T], pruner: Pruner) -> T
                 attempt.committing()
             held = time.monotonic() - locked
             return result
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, engine.dialect.loaded_dbapi.Error) as exc:  # vacuum_step uses a raw cursor
             raise _failed(pruner, exc) from exc
 
     result = retry_busy(attempt_once, what="prune")
     if pruner.sqlite:
-        with engine.connect() as connection:
-            restart_wal(connection)
+        try:
+            with engine.connect() as connection:
+                restart_wal(connection)
+        except CheckpointError as exc:
+            raise _stopped(pruner, exc, result) from exc
         time.sleep(pause_for_waiting_writers(held))
     return result
 
@@ -356,7 +359,8 @@ async def run_async(engine: AsyncEngine, request: PruneRequest, on_progress: OnP
                     if facts[0] >= before:
                         break
                     returned += before - facts[0]
-    except SQLAlchemyError as exc:
+    # OSError: asyncpg's own socket errors (server down, connection reset), which SQLAlchemy does not wrap.
+    except (SQLAlchemyError, OSError, engine.dialect.loaded_dbapi.Error) as exc:
         raise _failed(pruner, exc) from exc
     return pruner.report(pruner.space(facts, returned))
 
@@ -382,17 +386,48 @@ async def _write_async(engine: AsyncEngine, step: Callable[[Connection], T], pru
                 attempt.committing()
             held = time.monotonic() - locked
             return result
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, OSError, engine.dialect.loaded_dbapi.Error) as exc:  # as in run_async
             raise _failed(pruner, exc) from exc
 
     result = await retry_busy_async(attempt_once, what="prune")
     if pruner.sqlite:
-        async with engine.connect() as connection:
-            await connection.run_sync(restart_wal)
+        try:
+            async with engine.connect() as connection:
+                try:
+                    await connection.run_sync(restart_wal)
+                except asyncio.CancelledError:
+                    # aiosqlite finishes the statement in flight in its thread all the same, so a checkpoint
+                    # cut off there leaves its short busy_timeout behind: close the connection, do not pool it.
+                    await connection.invalidate()
+                    raise
+        except CheckpointError as exc:
+            raise _stopped(pruner, exc, result) from exc
         await asyncio.sleep(pause_for_waiting_writers(held))
     return result
 
 
-def _failed(pruner: Pruner, exc: Exception) -> StorageError:
+def _failed(pruner: Pruner, exc: BaseException) -> StorageError:
+    """The error of a batch that failed: rolled back, with what committed before and what to do now."""
     done = f"{pruner.deleted:,} traces deleted by the {pruner.batches:,} batches committed before"
-    return storage_error(f"prune failed, its last batch rolled back ({done}; run it again to finish)", exc)
+    if is_disk_full(exc) and pruner.sqlite:
+        # Each batch needs free space for the pages it changes (in the WAL, reused batch after batch),
+        # so the same batch size fails again while a smaller one can still go through.
+        advice = (
+            f"the disk is full: run it again with a smaller batch size (this one was {pruner.request.batch_size:,};"
+            " try 100, then 10), which needs less free space, or free some space first"
+        )
+    elif is_disk_full(exc):
+        advice = "the server's disk is full: free some space there, then run it again to finish"
+    else:
+        advice = "run it again to finish"
+    return storage_error(f"prune failed, its last batch rolled back ({done}; {advice})", exc)
+
+
+def _stopped(pruner: Pruner, exc: CheckpointError, committed: object) -> StorageError:
+    """The error of a checkpoint that failed after a step committed (`committed`: its result): what is done stays
+    done."""
+    deleted = pruner.deleted + (len(committed) if isinstance(committed, list) else 0)
+    return StorageError(
+        f"prune stopped after {deleted:,} traces were deleted by committed batches: {exc}; {exc.advice}, then run it"
+        " again to finish"
+    )
