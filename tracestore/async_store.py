@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tracestore import maintenance, retention
 from tracestore.busy import BUSY_DEADLINE, Attempt, retry_busy_async
-from tracestore.engine import WRITE, configure_async_engine, create_async_engine, read_options
+from tracestore.engine import WRITE, configure_async_engine, create_async_engine, read_options, shown
 from tracestore.errors import StorageError
 from tracestore.migrate import at_head, ensure_head
 from tracestore.queries import (
@@ -49,6 +49,7 @@ from tracestore.tail import DEFAULT_LOOKBACK, DEFAULT_POLL_LIMIT, Polled, Sessio
 from tracestore.types import Page, PageCursor, TraceContext
 
 plan_log = logging.getLogger("tracestore.plan")
+upkeep_log = logging.getLogger("tracestore.maintenance")
 
 DEFAULT_URL = "sqlite+aiosqlite:///traces.db"
 
@@ -87,6 +88,15 @@ class AsyncTraceStore:
                 self._reader = create_async_engine(read_engine)
             else:
                 self._reader = configure_async_engine(read_engine)
+        # What a failing database call can raise: SQLAlchemy's errors; the driver's own from the raw
+        # aiosqlite calls; and asyncpg's socket errors (OSError: refused, no such socket, reset), which
+        # SQLAlchemy does not wrap.
+        self._failures: tuple[type[BaseException], ...] = (
+            SQLAlchemyError,
+            OSError,
+            engine.dialect.loaded_dbapi.Error,
+            self._reader.dialect.loaded_dbapi.Error,
+        )
         self._write_engine = engine.execution_options(**{WRITE: True})
         self._read_engine = self._reader.execution_options(**read_options(self._reader.dialect.name))
         self._sql: Statements = statements_for(engine.dialect.name)
@@ -125,10 +135,8 @@ class AsyncTraceStore:
                     # A replica replays the upgrade after the primary: until its own revision is head
                     # it gets the legacy join too, which returns the same rows at any revision.
                     await self._still_migrating()
-            except (SQLAlchemyError, OSError) as exc:
-                # OSError: asyncpg raises the socket's own error when it cannot reach the server
-                # (SQLAlchemy wraps only DBAPI errors), e.g. connection refused, no such socket.
-                raise storage_error(f"cannot open {self._engine.url!r}", exc) from exc
+            except self._failures as exc:
+                raise self._error(f"cannot open {shown(self._engine.url)}", exc) from exc
             self._ready = True
 
     # -- writes -----------------------------------------------------------------------------------
@@ -136,6 +144,15 @@ class AsyncTraceStore:
         await self.store_batch((trace,))
 
     async def store_batch(self, traces: Iterable[TraceContext]) -> None:
+        """Store the traces in one transaction: all of them or none (see TraceStore.store_batch).
+
+        Cancelled (a timeout, a task group) before its COMMIT is sent, the call stores nothing: the
+        transaction is rolled back or its connection discarded. Cancelled while COMMIT is in flight, the
+        batch may or may not be stored and the CancelledError cannot say which; cancelled after it (the
+        SQLite upkeep that follows a write), the batch is stored. Either way it is the whole batch or
+        nothing, and storing the same traces again is safe: their ids are the caller's, so a trace already
+        stored is updated in place (its sessions added), not duplicated.
+        """
         batch = WriteBatch(traces)
         if not batch.traces:
             return
@@ -161,14 +178,16 @@ class AsyncTraceStore:
                 if batch.links:
                     await self._write(conn, link, LINK_COLUMNS, batch.links)
                 attempt.committing()
-        except (SQLAlchemyError, self._engine.dialect.loaded_dbapi.Error) as exc:
+        except self._failures as exc:
             if attempt.at_commit:
-                raise storage_error(
+                raise self._error(
                     "store failed at COMMIT (not retried; on a lost connection the outcome is unknown)", exc
                 ) from exc
-            raise storage_error("store failed, nothing of the batch was written", exc) from exc
+            raise self._error("store failed, nothing of the batch was written", exc) from exc
 
     async def delete(self, trace_id: str) -> bool:
+        """Delete the trace and its session links; whether it existed. Cancelled, as store_batch: nothing
+        before COMMIT is sent, unknown while it is in flight; deleting again is safe."""
         query = self._driver_sql(self._sql.delete_trace)
         args = query.args({"id": check_trace_id(trace_id, self._sql)})
         if not self._ready:
@@ -186,16 +205,36 @@ class AsyncTraceStore:
                 deleted = bool((await conn.exec_driver_sql(query.sql, args)).rowcount)
                 attempt.committing()
             return deleted
-        except SQLAlchemyError as exc:
-            raise storage_error("delete failed", exc) from exc
+        except self._failures as exc:
+            if attempt.at_commit:
+                raise self._error("delete failed at COMMIT (on a lost connection the outcome is unknown)", exc) from exc
+            raise self._error("delete failed", exc) from exc
 
     async def _after_write(self) -> None:
-        """The writer's SQLite upkeep after a committed write (see TraceStore._after_write)."""
+        """The writer's SQLite upkeep after a committed write (see TraceStore._after_write).
+
+        A cancellation may cut it short: the write has committed anyway, and an upkeep left undone is
+        due again after the next write (see _run_upkeep for the connection it ran on).
+        """
         upkeep = self._upkeep = self._upkeep or maintenance.Upkeep.for_engine(self._engine.sync_engine)
         job = upkeep.due() if upkeep is not None else None
-        if job is not None and upkeep is not None:
+        if job is not None:
+            await self._run_upkeep(job)
+
+    async def _run_upkeep(self, job: maintenance.Job) -> None:
+        """Run an upkeep job on a pooled connection; a failure is logged, as Upkeep.run does (nothing to undo)."""
+        assert self._upkeep is not None
+        try:
             async with self._engine.connect() as conn:
-                await conn.run_sync(upkeep.run, job)
+                try:
+                    await conn.run_sync(self._upkeep.run, job)
+                except asyncio.CancelledError:
+                    # aiosqlite finishes the statement in flight in its thread all the same, so a checkpoint
+                    # cut off there leaves its short busy_timeout behind: close the connection, do not pool it.
+                    await conn.invalidate()
+                    raise
+        except self._failures as exc:
+            upkeep_log.warning("SQLite %s failed (the write itself committed): %s", job, exc)
 
     # -- reads ------------------------------------------------------------------------------------
     async def get(self, trace_id: str) -> TraceContext | None:
@@ -307,20 +346,28 @@ class AsyncTraceStore:
         try:
             async with self._reader.connect() as conn:
                 return await _plan(conn, stmt, params)
-        except SQLAlchemyError as exc:
-            raise storage_error("explain failed", exc) from exc
+        except self._failures as exc:
+            raise self._error("explain failed", exc, self._reader) from exc
 
     async def _still_migrating(self) -> bool:
         """Re-read the revision where reads go; once it reached head, switch to the fast query for good."""
         try:
             async with self._reader.connect() as conn:
                 self._migrating = not await conn.run_sync(at_head)
-        except SQLAlchemyError as exc:
-            raise storage_error("cannot read the schema revision", exc) from exc
+        except self._failures as exc:
+            raise self._error("cannot read the schema revision", exc, self._reader) from exc
         return self._migrating
 
     def _driver_sql(self, stmt: Any) -> DriverSQL:
         return compiled(stmt, self._engine.dialect)
+
+    def _error(self, action: str, exc: BaseException, engine: AsyncEngine | None = None) -> StorageError:
+        """The StorageError for a failed database call: what failed and the driver's reason. asyncpg's socket
+        errors name neither the server nor their kind ('[Errno 2] No such file or directory'), so those do."""
+        if isinstance(exc, OSError):
+            url = shown((engine or self._engine).url)
+            return StorageError(f"{action}: the connection to {url} failed ({type(exc).__name__}: {exc})")
+        return storage_error(action, exc)
 
     async def _write(
         self, conn: AsyncConnection, query: DriverSQL, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
@@ -363,18 +410,21 @@ class AsyncTraceStore:
                     raw = await conn.get_raw_connection()
                     return list(await raw.driver_connection.execute_fetchall(query.sql, args))  # type: ignore[union-attr]
                 return list((await conn.exec_driver_sql(query.sql, args)).all())
-        except (SQLAlchemyError, self._reader.dialect.loaded_dbapi.Error) as exc:
-            raise storage_error("query failed", exc) from exc
+        except self._failures as exc:
+            raise self._error("query failed", exc, self._reader) from exc
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def close(self) -> None:
-        if self._upkeep is not None and self._upkeep.writes:  # statistics for the next opener (maintenance)
-            async with self._engine.connect() as conn:
-                await conn.run_sync(self._upkeep.run, "statistics")
-        if self._owned:
-            await self._engine.dispose()
-        if self._reader_owned:
-            await self._reader.dispose()
+        """Dispose of the engines the store created (an engine passed in stays the caller's), even when
+        cancelled or when the database is gone: connections the server dropped are discarded, not raised."""
+        try:
+            if self._upkeep is not None and self._upkeep.writes:  # statistics for the next opener (maintenance)
+                await self._run_upkeep("statistics")
+        finally:
+            if self._owned:
+                await self._engine.dispose()
+            if self._reader_owned:
+                await self._reader.dispose()
 
     async def __aenter__(self) -> AsyncTraceStore:
         await self._open()
@@ -395,7 +445,11 @@ class AsyncTraceStore:
         vacuum: bool = False,
         dry_run: bool = False,
     ) -> retention.PruneReport:
-        """Delete every trace with created_at < the cutoff, oldest first in batches (see TraceStore.prune)."""
+        """Delete every trace with created_at < the cutoff, oldest first in batches (see TraceStore.prune).
+
+        Cancelled, the batches committed before stay deleted and the one in progress is rolled back (or,
+        with its COMMIT in flight, may have committed): running prune again finishes the job.
+        """
         request = retention.prune_request(older_than, batch_size=batch_size, vacuum=vacuum, dry_run=dry_run)
         if not self._ready:
             await self._open()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -9,7 +11,7 @@ from urllib.parse import parse_qsl, quote
 
 from sqlalchemy import Engine, event
 from sqlalchemy import create_engine as sa_create_engine
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
 
@@ -248,7 +250,20 @@ def configure_async_engine(engine: AsyncEngine) -> AsyncEngine:
     if not isinstance(engine, AsyncEngine):
         raise StorageError(f"expected a database URL (str) or an AsyncEngine, got {type(engine).__name__}")
     configure_engine(engine.sync_engine)
+    if engine.dialect.name == "sqlite" and not event.contains(engine.sync_engine, "handle_error", _on_cancelled):
+        event.listen(engine.sync_engine, "handle_error", _on_cancelled)
     return engine
+
+
+def _on_cancelled(context: ExceptionContext) -> None:
+    # A task cancelled while aiosqlite runs a statement leaves it unfinished (the thread steps it all the
+    # same), and SQLAlchemy then closes the connection without closing the cursor. SQLite keeps a
+    # connection closed with a statement unfinished open, with its transaction and write lock, until
+    # the cursor is garbage collected: close the cursor first (aiosqlite runs that before the close).
+    cursor = getattr(context.execution_context, "cursor", None)
+    if cursor is not None and isinstance(context.original_exception, asyncio.CancelledError):
+        with contextlib.suppress(Exception):  # the cancellation is what the caller must see
+            cursor.close()
 
 
 def shown(url: str | URL) -> str:
