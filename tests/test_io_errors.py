@@ -189,3 +189,13 @@ def test_a_full_disk_during_prune_says_a_smaller_batch_works_and_it_does(tmp_pat
         assert done.returncode == 0, done.stderr
         assert count(path, "SELECT count(*) FROM traces") == 500
         assert integrity(path) == "ok"
+
+
+def test_generate_on_a_full_disk_is_one_error_line_and_leaves_no_file(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "fs", "8m") as where:
+        fill_leaving(where, 2 << 20)
+        result = tracestore("generate", str(where / "big.db"), "--traces", "50k")
+        assert result.returncode == 1
+        (line,) = error_lines(result)
+        assert "database or disk is full" in line, line
+        assert sorted(path.name for path in where.iterdir()) == ["filler"]

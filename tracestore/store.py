@@ -43,6 +43,7 @@ from tracestore.tail import DEFAULT_LOOKBACK, DEFAULT_POLL_LIMIT, SessionTail, c
 from tracestore.types import Page, PageCursor, TraceContext
 
 plan_log = logging.getLogger("tracestore.plan")
+upkeep_log = logging.getLogger("tracestore.maintenance")
 
 DEFAULT_URL = "sqlite:///traces.db"
 
@@ -182,9 +183,18 @@ class TraceStore:
         """The writer's SQLite upkeep after a committed write: a WAL checkpoint or fresh statistics when due."""
         upkeep = self._upkeep = self._upkeep or maintenance.Upkeep.for_engine(self._engine)
         job = upkeep.due() if upkeep is not None else None
-        if job is not None and upkeep is not None:
+        if job is not None:
+            self._run_upkeep(job)
+
+    def _run_upkeep(self, job: maintenance.Job) -> None:
+        """Run an upkeep job on a pooled connection; a failure is logged (the write committed; the job is due
+        again after the next one)."""
+        assert self._upkeep is not None
+        try:
             with self._engine.connect() as conn:
-                upkeep.run(conn, job)
+                self._upkeep.run(conn, job)
+        except SQLAlchemyError as exc:
+            upkeep_log.warning("SQLite %s failed (the write itself committed): %s", job, exc)
 
     # -- reads ------------------------------------------------------------------------------------
     def get(self, trace_id: str) -> TraceContext | None:
@@ -339,14 +349,16 @@ class TraceStore:
 
     # -- lifecycle --------------------------------------------------------------------------------
     def close(self) -> None:
-        """Dispose of the engines the store created (an engine passed in stays the caller's)."""
-        if self._upkeep is not None and self._upkeep.writes:  # statistics for the next opener (maintenance)
-            with self._engine.connect() as conn:
-                self._upkeep.run(conn, "statistics")
-        if self._owned:
-            self._engine.dispose()
-        if self._reader_owned:
-            self._reader.dispose()
+        """Dispose of the engines the store created (an engine passed in stays the caller's), even when the
+        database is gone."""
+        try:
+            if self._upkeep is not None and self._upkeep.writes:  # statistics for the next opener (maintenance)
+                self._run_upkeep("statistics")
+        finally:
+            if self._owned:
+                self._engine.dispose()
+            if self._reader_owned:
+                self._reader.dispose()
 
     def __enter__(self) -> TraceStore:
         return self

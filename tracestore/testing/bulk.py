@@ -28,6 +28,8 @@ from typing import Any
 
 import orjson
 
+from tracestore.errors import storage_error
+
 # The pre-Alembic schema, exactly as the legacy implementation created it (tests/legacy.py holds the
 # same text; tests/test_bulk.py checks they agree). Tables first; indexes are built after the load.
 LEGACY_TABLES_DDL = """
@@ -179,6 +181,9 @@ def generate(
         links, orphan_links, sessions = _load(
             partial, rows, traces=traces, orphans=orphans, progress=progress, head=schema == "head"
         )
+    except sqlite3.Error as exc:  # a full disk, an unwritable directory: the library's error, no file left
+        partial.unlink(missing_ok=True)
+        raise storage_error(f"cannot generate {target}", exc) from exc
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
