@@ -21,12 +21,14 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import event
+from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
+from sqlalchemy.dialects.sqlite import pysqlite as sqlite_dialect
 
 from tests.backends import Backend
 from tests.oracle import make_trace, oracle_query
 from tracestore import AsyncTraceStore, InvalidQueryError, TraceContext, TraceStore
 from tracestore.cli import main
-from tracestore.queries import compiled
+from tracestore.queries import compiled, statements_for
 from tracestore.tail import SessionTail, drive
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "tracestore"
@@ -143,6 +145,49 @@ def test_remembered_keys_stay_inside_the_window(store: TraceStore) -> None:
     polled = drive(follower.poll(time.time()), store._fetch)
     assert len(polled.traces) == 505 and not polled.more
     assert follower.seen == 5  # only the keys of the last 10 seconds
+
+
+def test_many_late_arrivals_are_shown_once_in_key_order(store: TraceStore) -> None:
+    """Late arrivals are fetched by id, all ids as one parameter (unicode ids and ties included)."""
+    now = time.time()
+    polls = store.tail("s", poll_interval=0, lookback=600)
+    assert next(polls) == []
+    store.store(make_trace(id="newest", created_at=now + 5, session_uids=["s"]))
+    assert ids(next(polls)) == ["newest"]
+    late = [make_trace(id=f"late-{k:03d}-ü", created_at=now - 100 + k // 2, session_uids=["s"]) for k in range(130)]
+    store.store_batch(late)
+    assert ids(next(polls)) == oldest_first(late)
+    assert next(polls) == []
+
+
+@pytest.mark.parametrize("dialect_name", ["sqlite", "postgresql"])
+def test_late_arrivals_are_one_statement_whatever_their_number(dialect_name: str) -> None:
+    """Polls finding 1 .. 120 late arrivals read them with one statement, built and compiled once (never one
+    per number of ids). The poll is driven without a database: the reads are answered here."""
+    statements = statements_for(dialect_name)
+    dialect = sqlite_dialect.dialect() if dialect_name == "sqlite" else psycopg_dialect.dialect()  # type: ignore[no-untyped-call]
+    window = statements.session_after(keys_only=True, until=True, migrating=False)
+    now = 1_750_000_000.0
+    late_count = 0
+    by_id: list[tuple[Any, dict[str, Any]]] = []
+
+    def fetch(stmt: Any, params: dict[str, Any]) -> list[Any]:
+        if stmt is window:  # keys below the cursor that the tail has not seen
+            return [(now - 10 + i / 1000, f"late-{late_count}-{i}") for i in range(late_count)]
+        if "ids" in params or "id_0" in params:
+            by_id.append((stmt, params))
+        return []
+
+    follower = SessionTail(statements, "s", since=None, lookback=3600, limit=1000)
+    drive(follower.poll(now), fetch)
+    compiled_before = compiled.cache_info().misses
+    for late_count in range(1, 121):
+        drive(follower.poll(now + late_count), fetch)
+        compiled(by_id[-1][0], dialect)
+        assert len({id(stmt) for stmt, _ in by_id}) == 1, late_count
+        assert compiled.cache_info().misses - compiled_before <= 1, late_count
+    (last_ids,) = by_id[-1][1].values()
+    assert len(json.loads(last_ids) if dialect_name == "sqlite" else last_ids) == 120
 
 
 def test_bad_arguments_are_refused(store: TraceStore) -> None:

@@ -5,38 +5,48 @@ dialect (`compiled`): the stores hand the SQL text straight to the driver, so a 
 pays neither statement construction, nor SQLAlchemy's cache-key walk, nor compilation (at
 sub-millisecond latencies that overhead was a third of a latest-100 read). The only
 dialect-specific pieces are `_insert` (upsert syntax), `_session_list` (the per-trace aggregate
-of session ids) and the write statements' row source (`Statements.write_arrays`).
+of session ids), `_listed` and `_session_keys` (a list of values as one parameter, and a
+bounded read per listed session) and the write statements' row source (`Statements.write_arrays`).
+
+A statement's shape never depends on how many values a caller passes: a list is one parameter
+(`Statements.list_argument`), so the statements and compiled texts cached here stay a fixed few.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache, lru_cache
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
+import orjson
 from sqlalchemy import (
     ClauseElement,
     ColumnElement,
     Delete,
     Dialect,
+    Integer,
     Select,
     Table,
     Text,
     TextClause,
     bindparam,
+    column,
     delete,
     func,
+    literal_column,
     select,
+    table,
     text,
+    true,
     tuple_,
-    union,
 )
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.selectable import FromClause
 
 from tracestore.models import Trace, TraceSession
 
@@ -65,6 +75,73 @@ def _session_list(dialect_name: str) -> ColumnElement[Any]:
     else:  # as text, like SQLite's: psycopg and asyncpg would decode json themselves, each its own way
         aggregate = sql_cast(func.json_agg(other.session_uid), Text)
     return select(aggregate).where(other.trace_id == Trace.id).scalar_subquery().label("session_uids")
+
+
+def _listed(dialect_name: str, name: str) -> tuple[FromClause, ColumnElement[Any]]:
+    """The values of the list parameter `name` (`Statements.list_argument`): a FROM element `j` and its value.
+
+    PostgreSQL: a text[] array, unnested. SQLite has no arrays: a JSON array read with json_each, which
+    (in SQLite 3.40 at least) ends a string at an escaped NUL; so list_argument escapes NUL as \\x01 '0'
+    (and \\x01 as \\x01 '1'), unescaped here. Every \\x01 of the escaped text starts a pair, so the two
+    replaces cannot mistake one pair for another.
+    """
+    if dialect_name == "sqlite":
+        each = func.json_each(bindparam(name, type_=Text)).table_valued("value").alias("j")
+        unnul = func.replace(each.c.value, _char(1, ord("0")), _char(0))
+        return each, func.replace(unnul, _char(1, ord("1")), _char(1))
+    array = bindparam(name, type_=postgresql.ARRAY(Text))  # typed: compiled() binds it in binary on psycopg
+    each = func.unnest(array).table_valued("value").render_derived(name="j")
+    return each, each.c.value
+
+
+def _char(*code_points: int) -> ColumnElement[Any]:
+    """SQLite's char(...) of constant code points, written into the SQL (no bind parameters)."""
+    return func.char(*(literal_column(str(int(point))) for point in code_points))
+
+
+# trace_sessions as SQLite sees it: the mapped table does not declare the rowid it reads a link by.
+_links_rowid = table("trace_sessions", column("rowid", Integer), *(column(c.name, c.type) for c in links.c))
+
+
+def _session_keys(dialect_name: str, *, since: bool, limit: bool) -> Select[*tuple[Any, ...]]:
+    """The keys (created_at, trace_id) of the links of each listed session since :since, each session one
+    backward range of the composite index, stopped after :limit entries when there is a limit.
+
+    PostgreSQL: a LATERAL subquery per listed session; its ORDER BY, served by the index, also keeps
+    the planner from flattening it into a join that it may answer with a scan of all trace_sessions.
+    SQLite has no LATERAL. Its nested loop reads one range per listed session; to stop each after
+    :limit entries, a correlated list of the rowids of that session's newest links (`ts.rowid IN
+    (...)`), run once per listed session, each rowid then one lookup of its link.
+    """
+    each, uid = _listed(dialect_name, "session_uids")
+    if dialect_name == "sqlite" and not limit:
+        link = aliased(TraceSession, name="ts")
+        keys = select(link.created_at, link.trace_id).select_from(each.join(link, link.session_uid == uid))
+        return _dated(keys, link.created_at, since=since)
+    if dialect_name == "sqlite":
+        newest = _links_rowid.alias("x")
+        rowids = _dated(select(newest.c.rowid).where(newest.c.session_uid == uid), newest.c.created_at, since=since)
+        rowids = _newest_first(rowids, newest.c.created_at, newest.c.trace_id, limit=True)
+        found = _links_rowid.alias("ts")
+        return select(found.c.created_at, found.c.trace_id).select_from(each.join(found, found.c.rowid.in_(rowids)))
+    link = aliased(TraceSession, name="ts")
+    keys = _dated(select(link.created_at, link.trace_id).where(link.session_uid == uid), link.created_at, since=since)
+    ranked = _newest_first(keys, link.created_at, link.trace_id, limit=limit).lateral("n")
+    return select(ranked.c.created_at, ranked.c.trace_id).select_from(each.join(ranked, true()))
+
+
+_Keys = TypeVar("_Keys", bound=Select[*tuple[Any, ...]])
+
+
+def _dated(stmt: _Keys, time: Any, *, since: bool) -> _Keys:
+    """Links with a time (the partial index's own predicate, so the planner may use it), from :since on."""
+    stmt = stmt.where(time.is_not(None))
+    return stmt.where(time >= bindparam("since")) if since else stmt
+
+
+def _newest_first(stmt: _Keys, time: Any, tie: Any, *, limit: bool) -> _Keys:
+    stmt = stmt.order_by(time.desc(), tie.desc())
+    return stmt.limit(bindparam("limit")) if limit else stmt
 
 
 # Column order of every trace-returning statement; the stores decode rows positionally.
@@ -257,60 +334,58 @@ class Statements:
             stmt = stmt.where(tuple_(time, tie) < tuple_(bindparam("until_created_at"), bindparam("until_trace_id")))
         return stmt.order_by(time.asc(), tie.asc()).limit(bindparam("limit"))
 
+    @property
     @cache  # noqa: B019
-    def traces_by_id(self, *, count: int) -> Select[Any]:
-        """The traces with ids :id_0 ... :id_{count-1} (primary-key lookups), oldest first."""
-        ids: list[Any] = [bindparam(f"id_{i}") for i in range(count)]
-        return select(*_trace_columns(self.dialect_name)).where(Trace.id.in_(ids)).order_by(Trace.created_at, Trace.id)
+    def traces_by_id(self) -> Select[Any]:
+        """The traces whose ids are in :ids (one list parameter, `list_argument`), oldest first."""
+        each, trace_id = _listed(self.dialect_name, "ids")
+        listed = select(trace_id).select_from(each)
+        return (
+            select(*_trace_columns(self.dialect_name)).where(Trace.id.in_(listed)).order_by(Trace.created_at, Trace.id)
+        )
 
     @cache  # noqa: B019
-    def sessions_traces(self, *, sessions: int, since: bool, limit: bool, migrating: bool = False) -> Select[Any]:
-        """Traces of any of `sessions` sessions (:session_uid_0, ...), newest first, each trace once.
+    def sessions_traces(self, *, since: bool, limit: bool, migrating: bool = False) -> Select[Any]:
+        """Traces of any of the sessions in :session_uids (one list parameter, `list_argument`), newest first,
+        each trace once.
 
-        One arm per session walks that session's part of the composite index and stops after `limit`
-        entries; UNION keeps each (created_at, trace_id) once, and only those candidate keys (at most
-        sessions x limit) are sorted again and cut to `limit` before any trace row is read. Never a
-        sort of every row of every session.
+        Each listed session is one range of the composite index, stopped after `limit` entries
+        (`_session_keys`); GROUP BY keeps each (created_at, trace_id) once, and only those
+        candidate keys (at most sessions x limit) are sorted and cut to `limit` before any trace row
+        is read. Never a sort of every row of every session. Without a limit each session's range
+        is read whole, and the union sorted.
         `migrating`: the legacy join on traces.created_at, for a database whose backfill is unfinished.
         """
-        uids: list[Any] = [bindparam(f"session_uid_{i}") for i in range(sessions)]
         if migrating:
+            each, uid = _listed(self.dialect_name, "session_uids")
             link = aliased(TraceSession, name="ts")
-            stmt = select(*_trace_columns(self.dialect_name)).where(
-                Trace.id.in_(select(link.trace_id).where(link.session_uid.in_(uids)))
-            )
+            in_sessions = select(link.trace_id).where(link.session_uid.in_(select(uid).select_from(each)))
+            stmt = select(*_trace_columns(self.dialect_name)).where(Trace.id.in_(in_sessions))
             flags = {"since": since, "until": False, "limit": limit, "namespace": False, "context_type": False}
             return _time_ordered(stmt, Trace.created_at, Trace.id, **flags)
-        arms = []
-        for uid in uids:
-            link = aliased(TraceSession, name="ts")
-            arm = select(link.created_at, link.trace_id).where(link.session_uid == uid, link.created_at.is_not(None))
-            if since:
-                arm = arm.where(link.created_at >= bindparam("since"))
-            if limit:  # without a limit an arm's order is lost in the UNION anyway (PostgreSQL sorted each)
-                arm = arm.order_by(link.created_at.desc(), link.trace_id.desc()).limit(bindparam("limit"))
-            ranked = arm.subquery()
-            arms.append(select(ranked.c.created_at, ranked.c.trace_id))
-        candidates = union(*arms).subquery("c") if len(arms) > 1 else arms[0].subquery("c")
+        candidates = _session_keys(self.dialect_name, since=since, limit=limit)
+        time, tie = candidates.selected_columns
+        keys = candidates.group_by(time, tie)
         if limit:
             # Cut to `limit` on the keys alone, before the join: a sort with LIMIT computes every
-            # output column of every candidate first, so joining first read the payload and the
-            # session list of sessions x limit traces to return limit of them (10 sessions,
-            # latest 100: 12x the cost of one session at 10M traces).
-            keys = (
-                select(candidates.c.created_at, candidates.c.trace_id)
-                .order_by(candidates.c.created_at.desc(), candidates.c.trace_id.desc())
-                .limit(bindparam("limit"))
-                .subquery("k")
-            )
-        else:
-            keys = candidates
+            # output column of every candidate first, so joining first would read the payload and
+            # the session list of sessions x limit traces to return limit of them.
+            keys = keys.order_by(time.desc(), tie.desc()).limit(bindparam("limit"))
+        cut = keys.subquery("k")
         return (
             select(*_trace_columns(self.dialect_name))
-            .select_from(keys)
-            .join(Trace, Trace.id == keys.c.trace_id)
-            .order_by(keys.c.created_at.desc(), keys.c.trace_id.desc())
+            .select_from(cut)
+            .join(Trace, Trace.id == cut.c.trace_id)
+            .order_by(cut.c.created_at.desc(), cut.c.trace_id.desc())
         )
+
+    def list_argument(self, values: Iterable[str]) -> Any:
+        """The value of a list parameter (:session_uids, :ids; see `_listed`): a list of str bound as one
+        text[] on PostgreSQL, JSON text on SQLite."""
+        if self.dialect_name != "sqlite":
+            return list(values)
+        escaped = [value.replace("\x01", "\x011").replace("\x00", "\x010") for value in values]
+        return orjson.dumps(escaped).decode()
 
     def _session_join(self, link: Any) -> Select[Any]:
         return (

@@ -10,6 +10,7 @@ import orjson
 from sqlalchemy import Select
 
 from tracestore.errors import InvalidQueryError, InvalidTraceError, StorageError
+from tracestore.errors import storage_error as storage_error  # re-exported for the stores
 from tracestore.queries import TRACE_COLUMNS, Statements, query_statement
 from tracestore.types import Page, PageCursor, TraceContext, check_identifier
 
@@ -232,8 +233,9 @@ def prepare_page(
     return stmt, params
 
 
-# SQLite's default limit on the arms of one compound SELECT (SQLITE_MAX_COMPOUND_SELECT).
-MAX_SESSIONS = 500
+# Sessions per query: each costs one index range read (at most `limit` entries), and all their candidates
+# are sorted together, so this bounds one query's work whatever the caller passes.
+MAX_SESSIONS = 10_000
 
 
 def prepare_sessions_query(
@@ -244,7 +246,11 @@ def prepare_sessions_query(
     limit: int | None,
     migrating: bool = False,
 ) -> tuple[Select[Any], dict[str, Any]] | None:
-    """Validate a several-sessions query, then pick its statement; None when no session is asked for."""
+    """Validate a several-sessions query, then pick its statement; None when no session is asked for.
+
+    The session ids are one parameter (Statements.list_argument), each id once: one statement per
+    combination of since/limit, whatever the number of sessions.
+    """
     if isinstance(session_uids, str) or not isinstance(session_uids, Sequence | set | frozenset):
         raise InvalidQueryError(f"session_uids must be a list of session ids, got {session_uids!r}")
     uids = list(dict.fromkeys(check_query_string("session_uid", uid) for uid in session_uids))
@@ -253,15 +259,14 @@ def prepare_sessions_query(
         raise InvalidQueryError(f"at most {MAX_SESSIONS} sessions per query, got {len(uids)}")
     if not uids:
         return None
-    params: dict[str, Any] = {f"session_uid_{i}": uid for i, uid in enumerate(uids)}
+    for uid in uids:
+        refuse_nul_arguments(statements, {"session_uid": uid})
+    params: dict[str, Any] = {"session_uids": statements.list_argument(uids)}
     if since is not None:
         params["since"] = since
     if limit is not None:
         params["limit"] = limit
-    refuse_nul_arguments(statements, params)
-    stmt = statements.sessions_traces(
-        sessions=len(uids), since=since is not None, limit=limit is not None, migrating=migrating
-    )
+    stmt = statements.sessions_traces(since=since is not None, limit=limit is not None, migrating=migrating)
     return stmt, params
 
 
@@ -269,8 +274,3 @@ def page_of(items: list[TraceContext], limit: int) -> Page:
     """The page and, when it is full, the cursor after its last trace."""
     last = items[-1] if len(items) == limit else None
     return Page(items, PageCursor(last.created_at, last.id) if last is not None else None)
-
-
-def storage_error(action: str, exc: Exception) -> StorageError:
-    """A StorageError naming what failed and the driver's own reason (chain it with `from exc`)."""
-    return StorageError(f"{action}: {getattr(exc, 'orig', None) or exc}")

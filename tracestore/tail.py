@@ -44,8 +44,6 @@ from tracestore.types import TraceContext
 
 DEFAULT_LOOKBACK = 5.0
 DEFAULT_POLL_LIMIT = 1000
-# Late arrivals fetched per statement (Statements.traces_by_id has one shape per count up to this).
-LATE_CHUNK = 50
 
 Key = tuple[float, str]
 Read = tuple[Select[Any], dict[str, Any]]
@@ -105,10 +103,9 @@ class SessionTail:
                 self._seen.add(key)
         else:
             missing = [key for key in (yield from self._window_keys(migrating)) if key not in self._seen]
-            for start in range(0, len(missing), LATE_CHUNK):
-                chunk = missing[start : start + LATE_CHUNK]
-                ids = {f"id_{i}": trace_id for i, (_, trace_id) in enumerate(chunk)}
-                for trace in decode_rows((yield self._sql.traces_by_id(count=len(chunk)), ids)):
+            if missing:  # one read, all ids as one parameter: the same statement whatever their number
+                ids = {"ids": self._sql.list_argument(dict.fromkeys(trace_id for _, trace_id in missing))}
+                for trace in decode_rows((yield self._sql.traces_by_id, ids)):
                     key = (trace.created_at, trace.id)
                     if key not in self._seen:  # re-stored since its key was read: already shown, or shown below
                         self._seen.add(key)
