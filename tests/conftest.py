@@ -182,6 +182,16 @@ def pg_head_template(pg_server_url: URL) -> Iterator[str]:
 
 
 @pytest.fixture
+def pg(pg_url: URL) -> Iterator[Backend]:
+    """A fresh, empty PostgreSQL database as a Backend, for the tests that are about PostgreSQL alone."""
+    backend = Backend("postgresql", pg_url)
+    try:
+        yield backend
+    finally:
+        backend.dispose()
+
+
+@pytest.fixture
 def pg_async_url(pg_url: URL) -> URL:
     """The same database through asyncpg."""
     return pg_url.set(drivername="postgresql+asyncpg")

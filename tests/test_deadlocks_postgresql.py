@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
-from sqlalchemy import URL, Connection, create_engine, text
+from sqlalchemy import Connection, create_engine, text
 
 from tests.backends import Backend
 from tracestore import TraceStore
@@ -23,15 +22,6 @@ from tracestore.testing import make_traces
 from tracestore.verify import verify
 
 from .test_migrations import legacy_rows
-
-
-@pytest.fixture
-def pg(pg_url: URL) -> Iterator[Backend]:
-    backend = Backend("postgresql", pg_url)
-    try:
-        yield backend
-    finally:
-        backend.dispose()
 
 
 def in_a_thread(work: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:

@@ -6,10 +6,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import URL, Connection, create_engine, event, text
+from sqlalchemy import Connection, create_engine, event, text
 
 from tests.backends import Backend
 from tracestore import MigrationError, TraceStore, online
@@ -19,15 +18,6 @@ from tracestore.schema import column_names, index_is_valid, session_index_drift
 
 from .oracle import oracle_query
 from .test_migrations import legacy_rows, legacy_traces
-
-
-@pytest.fixture
-def pg(pg_url: URL) -> Iterator[Backend]:
-    backend = Backend("postgresql", pg_url)
-    try:
-        yield backend
-    finally:
-        backend.dispose()
 
 
 def wait_for(predicate: object, timeout: float = 30.0) -> None:
