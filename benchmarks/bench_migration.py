@@ -56,9 +56,9 @@ from common import (
     remove_db,
 )
 
-from tracestore.backfill import DEFAULT_BATCH_SIZE, PROGRESS_TABLE
 from tracestore.errors import StorageError
 from tracestore.migrate import current_revision, downgrade, head_revision, upgrade
+from tracestore.migrate.backfill import DEFAULT_BATCH_SIZE, PROGRESS_TABLE
 from tracestore.testing.bulk import GenerateReport, generate_legacy
 
 STEPS = {

@@ -19,11 +19,16 @@ from alembic.util import CommandError
 from sqlalchemy import Connection
 from sqlalchemy.engine import make_url
 
-from tracestore.backfill import ORPHANS_TABLE, PROGRESS_TABLE
 from tracestore.engine import WRITE, create_async_engine, create_engine
-from tracestore.migration_lock import migration_lock
+from tracestore.migrate.backfill import ORPHANS_TABLE, PROGRESS_TABLE
+from tracestore.migrate.lock import migration_lock
+from tracestore.migrate.schema import (
+    foreign_keys_off,
+    freed_pages_not_zeroed,
+    refuse_dropping_traces,
+    session_index_drift,
+)
 from tracestore.models import SESSION_TIME_INDEX, Base
-from tracestore.schema import foreign_keys_off, freed_pages_not_zeroed, refuse_dropping_traces, session_index_drift
 
 config = context.config
 if (

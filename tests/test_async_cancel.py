@@ -27,7 +27,7 @@ from tests.backends import Backend
 from tests.oracle import make_trace
 from tracestore import AsyncTraceStore, TraceContext
 from tracestore.engine import SQLITE_PRAGMAS
-from tracestore.maintenance import Upkeep
+from tracestore.retention.upkeep import Upkeep
 
 T0 = 1_700_000_000.0
 CUTOFF = T0 + 100  # the prune tests' traces are created just after T0

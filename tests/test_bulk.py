@@ -14,8 +14,8 @@ from tests.legacy import create_legacy_db
 from tests.oracle import oracle_query
 from tracestore import TraceStore
 from tracestore.migrate import upgrade
+from tracestore.migrate.verify import verify
 from tracestore.testing.bulk import GenerateReport, generate
-from tracestore.verify import verify
 
 NOW = 1_750_000_000.0
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tracestore.backfill import PROGRESS_TABLE
 from tracestore.migrate import current_revision, finalize, head_revision, upgrade
+from tracestore.migrate.backfill import PROGRESS_TABLE
 from tracestore.testing.bulk import generate_legacy
 
 TRACESTORE = Path(sys.executable).parent / "tracestore"

@@ -16,8 +16,8 @@ from sqlalchemy import text
 
 from tests.backends import Backend
 from tracestore import TraceStore
+from tracestore.migrate.verify import verify
 from tracestore.testing import make_traces
-from tracestore.verify import verify
 
 WORKER = str(Path(__file__).parent / "load_worker.py")
 BATCH = 2000

@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.backends import Backend
 from tests.oracle import make_trace
 from tracestore import TraceStore
-from tracestore.verify import verify
+from tracestore.migrate.verify import verify
 
 TRACESTORE = Path(sys.executable).parent / "tracestore"
 T0 = 1_750_000_000.0

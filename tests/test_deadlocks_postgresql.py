@@ -18,8 +18,8 @@ from sqlalchemy import Connection, create_engine, text
 from tests.backends import Backend
 from tracestore import TraceStore
 from tracestore.migrate import current_revision, finalize, head_revision, upgrade
+from tracestore.migrate.verify import verify
 from tracestore.testing import make_traces
-from tracestore.verify import verify
 
 from .test_migrations import legacy_rows
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from tracestore import AsyncTraceStore, TraceStore
-from tracestore.maintenance import Upkeep, refresh_statistics
+from tracestore.retention.upkeep import Upkeep, refresh_statistics
 from tracestore.testing import make_traces
 
 MB = 1024 * 1024

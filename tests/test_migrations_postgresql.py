@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import Connection, create_engine, event, text
 
 from tests.backends import Backend
-from tracestore import MigrationError, TraceStore, online
-from tracestore.migrate import current_revision, head_revision, upgrade
+from tracestore import MigrationError, TraceStore
+from tracestore.migrate import current_revision, head_revision, online, upgrade
+from tracestore.migrate.schema import column_names, index_is_valid, session_index_drift
 from tracestore.models import SESSION_TIME_INDEX
-from tracestore.schema import column_names, index_is_valid, session_index_drift
 
 from .oracle import oracle_query
 from .test_migrations import legacy_rows, legacy_traces

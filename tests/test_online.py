@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import create_engine as sa_create_engine
 
 from tracestore.errors import StorageBusyError
-from tracestore.online import BUSY_HANDLER_DELAYS_MS, pause_for_waiting_writers, write_step, write_transaction
+from tracestore.migrate.online import BUSY_HANDLER_DELAYS_MS, pause_for_waiting_writers, write_step, write_transaction
 
 
 @pytest.mark.parametrize(

@@ -21,10 +21,10 @@ from sqlalchemy import text
 from tests.legacy import create_legacy_db
 from tests.oracle import make_trace, oracle_query
 from tracestore import AsyncTraceStore, TraceContext, TraceStore
-from tracestore.backfill import PROGRESS_TABLE
 from tracestore.errors import SchemaOutOfDateError
 from tracestore.migrate import current_revision, head_revision, upgrade
-from tracestore.migration_lock import lock_path, migration_lock, migration_running
+from tracestore.migrate.backfill import PROGRESS_TABLE
+from tracestore.migrate.lock import lock_path, migration_lock, migration_running
 
 T0 = 1_760_000_000.0
 SESSIONS = ["s-a", "s-b", "sé-ü ☃", "s-tie", "s-empty-window"]
@@ -150,7 +150,7 @@ async def test_partial_backfill_answers_like_the_oracle_async(tmp_path: Path) ->
 HOLD_LOCK = """
 import sys, time
 from sqlalchemy.engine import make_url
-from tracestore.migration_lock import migration_lock
+from tracestore.migrate.lock import migration_lock
 with migration_lock(make_url(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -234,7 +234,7 @@ HOLD_LOCK_THEN_UPGRADE = """
 import sys, time
 from sqlalchemy.engine import make_url
 from tracestore.migrate import upgrade
-from tracestore.migration_lock import migration_lock
+from tracestore.migrate.lock import migration_lock
 with migration_lock(make_url(sys.argv[1])):
     print("locked", flush=True)
     time.sleep(1.0)  # a legacy file, locked, not yet at 0002: a store opening now must wait for 0002

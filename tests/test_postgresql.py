@@ -22,13 +22,12 @@ from sqlalchemy import URL, text
 
 from tests.oracle import make_trace, oracle_query
 from tracestore import AsyncTraceStore, TraceContext, TraceStore
-from tracestore.backfill import PROGRESS_TABLE
 from tracestore.engine import create_async_engine, create_engine
 from tracestore.migrate import current_revision, downgrade, finalize, head_revision, upgrade
-from tracestore.migration_lock import migration_lock, migration_running
-from tracestore.models import SESSION_TIME_INDEX
-from tracestore.online import write_transaction
-from tracestore.schema import (
+from tracestore.migrate.backfill import PROGRESS_TABLE
+from tracestore.migrate.lock import migration_lock, migration_running
+from tracestore.migrate.online import write_transaction
+from tracestore.migrate.schema import (
     COPY_TRIGGERS,
     ROLLING_DEPLOY_TRIGGERS,
     column_names,
@@ -38,6 +37,7 @@ from tracestore.schema import (
     missing_copy_triggers,
     table_names,
 )
+from tracestore.models import SESSION_TIME_INDEX
 
 # Unicode, quotes, nesting and a big integer: what trace payloads carry.
 PAYLOAD: dict[str, Any] = {"text": 'naïve "quoted" 日本語 🚀', "nested": {"list": [1, 2.5, None, True]}, "big": 2**53}
@@ -75,7 +75,7 @@ async def test_async_driver_round_trips_jsonb(pg_async_url: URL) -> None:
 HOLD_LOCK = """
 import sys, time
 from sqlalchemy import make_url
-from tracestore.migration_lock import migration_lock
+from tracestore.migrate.lock import migration_lock
 with migration_lock(make_url(sys.argv[1])):
     print("held", flush=True)
     time.sleep(60)

@@ -23,8 +23,8 @@ from sqlalchemy import event
 from tracestore import AsyncTraceStore, TraceContext, TraceStore
 from tracestore.cli import main
 from tracestore.errors import InvalidQueryError
-from tracestore.retention import MAX_BATCH_SIZE
-from tracestore.retention_queries import retention_statements_for
+from tracestore.retention.prune import MAX_BATCH_SIZE
+from tracestore.retention.queries import retention_statements_for
 
 from .backends import Backend
 from .oracle import make_trace

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from tests.backends import Backend
 from tracestore import TraceStore
-from tracestore.backfill import ORPHANS_TABLE
 from tracestore.migrate import finalize, upgrade
+from tracestore.migrate.backfill import ORPHANS_TABLE
+from tracestore.migrate.verify import verify
 from tracestore.testing.bulk import generate_legacy
-from tracestore.verify import verify
 
 WRITER = Path(__file__).parent / "legacy_writer.py"
 KILLER = Path(__file__).parent / "kill_during_upgrade.py"

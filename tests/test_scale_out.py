@@ -28,9 +28,9 @@ from tests.oracle import make_trace, merge_restore, oracle_query
 from tracestore import AsyncTraceStore, TraceContext, TraceStore
 from tracestore.errors import MigrationError, StorageError
 from tracestore.migrate import current_revision, finalize, head_revision, upgrade
+from tracestore.migrate.verify import verify
 from tracestore.models import SESSION_TIME_INDEX
-from tracestore.partitioning import OLD_PARTITION, add_partitions, drop_partitions_before, partition, partitions
-from tracestore.verify import verify
+from tracestore.retention.partitions import OLD_PARTITION, add_partitions, drop_partitions_before, partition, partitions
 
 
 # -- the streaming replica ---------------------------------------------------------------------------------

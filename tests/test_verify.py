@@ -17,10 +17,10 @@ from tracestore import TraceStore
 from tracestore.cli import main
 from tracestore.engine import create_engine
 from tracestore.migrate import current_revision, downgrade, finalize, head_revision, upgrade
+from tracestore.migrate.schema import FOLLOW_TRIGGER
+from tracestore.migrate.verify import Check, verify
 from tracestore.models import SESSION_TIME_INDEX
-from tracestore.schema import FOLLOW_TRIGGER
 from tracestore.testing import make_traces
-from tracestore.verify import Check, verify
 
 
 def run(*args: str) -> Result:

@@ -16,7 +16,6 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from tracestore import maintenance, retention
 from tracestore.busy import BUSY_DEADLINE, Attempt, retry_busy_async
 from tracestore.engine import WRITE, configure_async_engine, create_async_engine, read_options, shown
 from tracestore.errors import StorageError
@@ -30,6 +29,8 @@ from tracestore.queries import (
     explain_statement,
     statements_for,
 )
+from tracestore.retention import prune as retention
+from tracestore.retention import upkeep as maintenance
 from tracestore.rows import (
     WriteBatch,
     check_query_args,

@@ -12,7 +12,6 @@ from typing import Any
 from sqlalchemy import URL, Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from tracestore import maintenance, retention
 from tracestore.busy import BUSY_DEADLINE, Attempt, retry_busy
 from tracestore.engine import WRITE, configure_engine, create_engine, missing_sqlite_file, read_options
 from tracestore.errors import SchemaOutOfDateError, StorageError
@@ -26,6 +25,8 @@ from tracestore.queries import (
     explain_statement,
     statements_for,
 )
+from tracestore.retention import prune as retention
+from tracestore.retention import upkeep as maintenance
 from tracestore.rows import (
     WriteBatch,
     check_query_string,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context, op
 
+from tracestore.migrate.schema import index_names, refuse_dropping_traces, table_names
 from tracestore.models import EpochSeconds
-from tracestore.schema import index_names, refuse_dropping_traces, table_names
 
 revision = "0001"
 down_revision = None

@@ -37,9 +37,8 @@ import time
 import sqlalchemy as sa
 from alembic import context, op
 
-from tracestore.models import SESSION_TIME_INDEX, EpochSeconds
-from tracestore.online import ddl_step, read_into_cache, write_step
-from tracestore.schema import (
+from tracestore.migrate.online import ddl_step, read_into_cache, write_step
+from tracestore.migrate.schema import (
     column_names,
     create_copy_triggers,
     create_session_index,
@@ -49,6 +48,7 @@ from tracestore.schema import (
     drop_session_index,
     index_names,
 )
+from tracestore.models import SESSION_TIME_INDEX, EpochSeconds
 
 revision = "0002"
 down_revision = "0001"

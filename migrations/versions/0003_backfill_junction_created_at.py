@@ -20,7 +20,7 @@ import os
 
 from alembic import context, op
 
-from tracestore.backfill import DEFAULT_BATCH_SIZE, ORPHANS_TABLE, backfill
+from tracestore.migrate.backfill import DEFAULT_BATCH_SIZE, ORPHANS_TABLE, backfill
 
 revision = "0003"
 down_revision = "0002"

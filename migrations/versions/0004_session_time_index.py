@@ -21,8 +21,8 @@ import time
 
 from alembic import context, op
 
-from tracestore.online import read_into_cache, write_step
-from tracestore.schema import BOUNDED_ANALYZE, drop_index_concurrently, index_names
+from tracestore.migrate.online import read_into_cache, write_step
+from tracestore.migrate.schema import BOUNDED_ANALYZE, drop_index_concurrently, index_names
 
 revision = "0004"
 down_revision = "0003"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 from rich.markup import escape
 
-from tracestore.backfill import DEFAULT_BATCH_SIZE
 from tracestore.cli.app import (
     ProgressBar,
     Settings,
@@ -15,7 +14,8 @@ from tracestore.cli.app import (
     stdout,
     url_option,
 )
-from tracestore.verify import verify
+from tracestore.migrate.backfill import DEFAULT_BATCH_SIZE
+from tracestore.migrate.verify import verify
 
 
 @main.command("verify")

@@ -8,7 +8,6 @@ import click
 from rich.markup import escape
 
 from tracestore import migrate
-from tracestore.backfill import DEFAULT_BATCH_SIZE
 from tracestore.cli.app import (
     ProgressBar,
     Settings,
@@ -20,6 +19,7 @@ from tracestore.cli.app import (
     stdout,
     url_option,
 )
+from tracestore.migrate.backfill import DEFAULT_BATCH_SIZE
 
 
 @main.command()

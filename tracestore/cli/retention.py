@@ -9,7 +9,7 @@ import click
 
 from tracestore.cli.app import Duration, ProgressBar, Settings, database_url, main, stdout, url_option
 from tracestore.cli.reads import open_store
-from tracestore.retention import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, PruneReport
+from tracestore.retention.prune import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE, PruneReport
 
 
 @main.command()

@@ -36,9 +36,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tracestore.busy import Attempt, retry_busy, retry_busy_async
 from tracestore.engine import WRITE
 from tracestore.errors import InvalidQueryError, StorageError, is_disk_full
-from tracestore.online import CheckpointError, pause_for_waiting_writers, restart_wal
+from tracestore.migrate.online import CheckpointError, pause_for_waiting_writers, restart_wal
 from tracestore.queries import compiled
-from tracestore.retention_queries import retention_statements_for
+from tracestore.retention.queries import retention_statements_for
 from tracestore.rows import storage_error
 
 T = TypeVar("T")

@@ -25,12 +25,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from tracestore import migrate
-from tracestore.backfill import DEFAULT_BATCH_SIZE, PROGRESS_TABLE, backfill
 from tracestore.engine import create_engine, missing_sqlite_file, shown, sync_url
 from tracestore.errors import StorageError, storage_error
-from tracestore.models import SESSION_TIME_INDEX, SESSION_TIME_INDEX_COLUMNS, SESSION_TIME_INDEX_WHERE
-from tracestore.online import ddl_step
-from tracestore.schema import (
+from tracestore.migrate.backfill import DEFAULT_BATCH_SIZE, PROGRESS_TABLE, backfill
+from tracestore.migrate.online import ddl_step
+from tracestore.migrate.schema import (
     BOUNDED_ANALYZE,
     REQUIRED_TRIGGERS,
     create_copy_triggers,
@@ -41,6 +40,7 @@ from tracestore.schema import (
     rolling_deploy_triggers,
     session_index_drift,
 )
+from tracestore.models import SESSION_TIME_INDEX, SESSION_TIME_INDEX_COLUMNS, SESSION_TIME_INDEX_WHERE
 
 # How many offending rows a check lists in its details (the count is always exact).
 SAMPLE_ROWS = 5

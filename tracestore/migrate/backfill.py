@@ -27,7 +27,7 @@ from typing import TypeVar
 from sqlalchemy import Connection, inspect, text
 
 from tracestore.errors import StorageError
-from tracestore.online import CheckpointError, write_step
+from tracestore.migrate.online import CheckpointError, write_step
 
 log = logging.getLogger("tracestore.migrate")
 T = TypeVar("T")

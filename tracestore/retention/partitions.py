@@ -36,9 +36,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from tracestore.engine import create_engine, sync_url
 from tracestore.errors import MigrationError, SchemaOutOfDateError, storage_error
 from tracestore.migrate import current_revision, head_revision
-from tracestore.migration_lock import migration_lock
+from tracestore.migrate.lock import migration_lock
+from tracestore.migrate.schema import ROLLING_DEPLOY_TRIGGERS, missing_copy_triggers
 from tracestore.models import SESSION_TIME_INDEX, SESSION_TIME_INDEX_COLUMNS, SESSION_TIME_INDEX_WHERE
-from tracestore.schema import ROLLING_DEPLOY_TRIGGERS, missing_copy_triggers
 
 TABLE = "trace_sessions"
 OLD_PARTITION = "trace_sessions_old"  # (MINVALUE, first bound): links older than the data at conversion

@@ -19,7 +19,6 @@ from alembic.util import CommandError
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from tracestore.backfill import DEFAULT_BATCH_SIZE, remove_kept_orphans
 from tracestore.engine import create_engine, sync_url
 from tracestore.engine import shown as shown_url
 from tracestore.errors import (
@@ -30,9 +29,10 @@ from tracestore.errors import (
     is_disk_full,
     storage_error,
 )
-from tracestore.migration_lock import migration_running
-from tracestore.online import ddl_step
-from tracestore.schema import ROLLING_DEPLOY_TRIGGERS, drop_copy_triggers, rolling_deploy_triggers
+from tracestore.migrate.backfill import DEFAULT_BATCH_SIZE, remove_kept_orphans
+from tracestore.migrate.lock import migration_running
+from tracestore.migrate.online import ddl_step
+from tracestore.migrate.schema import ROLLING_DEPLOY_TRIGGERS, drop_copy_triggers, rolling_deploy_triggers
 
 UrlOrEngine = str | Engine
 Target = str | Engine | Connection
