@@ -1,4 +1,4 @@
-"""Benchmark of `upgrade head` on a legacy file while the previous release keeps writing to it (issue 3).
+"""Benchmark of `upgrade head` on a legacy file while the previous release keeps writing to it.
 
 One run, one data set:
   1. generate a legacy-schema file with tracestore.testing.bulk (the same file bench_query.py uses, so a

@@ -14,7 +14,7 @@ One run, one data set (benchmarks/README.md says what each section measures and 
      h. write throughput of store_batch vs the legacy implementation's INSERTs, same batches;
      i. readers (threads, asyncio tasks) while a writer process ingests;
      j. a-c on PostgreSQL, when a server is at hand (postgres.py: TRACESTORE_PG_URL, scripts/with-postgres);
-  4. print the ratios next to issue 4's targets (and write them as JSON with --json).
+  4. print the ratios next to the read targets (and write them as JSON with --json).
 
     python benchmarks/bench_query.py --scale 1m [--runs 61] [--keep] [--json out.json] [--sections queries]
 
@@ -77,7 +77,7 @@ from tracestore.testing.bulk import GenerateReport, generate_legacy
 
 DROPPED_INDEXES = ("idx_trace_sessions_uid", "idx_trace_sessions_trace")
 COPY_WRITES_UP_TO = 2_000_000  # traces; above it the write section runs without copies
-HOT_FOR_TARGETS = 1_000_000  # issue 4 sets the legacy / store targets for a hot session of ~1M traces
+HOT_FOR_TARGETS = 1_000_000  # the legacy / store targets are set for a hot session of ~1M traces
 # Above it --postgresql auto skips PostgreSQL: two more copies of the data (legacy and migrated databases,
 # ~2.2 GB per 1M traces) on top of the SQLite files, and ~1 minute per 1M traces of COPY and upgrade.
 POSTGRESQL_UP_TO = 2_000_000

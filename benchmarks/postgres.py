@@ -65,7 +65,7 @@ SETTINGS = (
     "max_parallel_workers_per_gather",
     "lc_collate",
 )
-HOT_FOR_TARGETS = 1_000_000  # issue 4's legacy / store targets are set for a hot session of ~1M traces
+HOT_FOR_TARGETS = 1_000_000  # the legacy / store targets are set for a hot session of ~1M traces
 
 Log = Callable[[str], None]
 

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 from common import Line, markdown_table, scale_name
 from matplotlib.ticker import FuncFormatter
 
-SIZE_TARGET = 1.2  # issue 4: latency at 10M / latency at 1M
+SIZE_TARGET = 1.2  # the size target: latency at 10M / latency at 1M
 
 
 def size_points(out: Path, results: dict[str, Any]) -> list[dict[str, Any]]:
