@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tracestore.engine import SQLITE_PRAGMAS
+from tracestore.dialects.sqlite_connect import SQLITE_PRAGMAS
 
 NOW = 1_750_000_000.0  # fixed, so a kept file and a fresh one hold the same rows
 WINDOW_S = 600.0

@@ -12,6 +12,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from tracestore import TraceContext
 from tracestore.queries import compiled, query_statement, statements_for
+from tracestore.types import Query
 
 SQLITE = sqlite_dialect.dialect()
 
@@ -41,13 +42,7 @@ def compiled_sql(
 ) -> tuple[str, Row | dict[str, Any]]:
     """The SQL text and driver arguments of get_by_session_uid() for `dialect`, compiled as the store compiles it."""
     stmt, params = query_statement(
-        statements_for(dialect.name),
-        session_uid=session_uid,
-        namespace=None,
-        context_type=None,
-        since=since,
-        until=None,
-        limit=limit,
+        statements_for(dialect.name), Query(session_uid=session_uid, since=since, limit=limit)
     )
     query = compiled(stmt, dialect)
     return query.sql, query.args(params)

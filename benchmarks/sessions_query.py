@@ -265,7 +265,7 @@ def compare_statements(store: TraceStore, sessions: list[str], *, runs: int) -> 
 def at_the_cap(store: TraceStore, path: Path, *, runs: int) -> dict[str, float]:
     """Warm latency of a query of MAX_SESSIONS sessions: every session of the data set, then ids that match
     nothing (one index probe each), with the latest 100 and with no limit."""
-    from tracestore.rows import MAX_SESSIONS
+    from tracestore.core import MAX_SESSIONS
 
     uids = largest_sessions(path, MAX_SESSIONS)
     uids += [f"no-such-session-{i}" for i in range(MAX_SESSIONS - len(uids))]

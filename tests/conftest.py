@@ -21,7 +21,7 @@ from tracestore import AsyncTraceStore, TraceStore
 from tracestore.migrate import upgrade
 
 SQLITE_ONLY_FIXTURES = {"db_path", "db_url"}
-STORE_FIXTURES = {"store", "async_store"}
+STORE_FIXTURES = {"store", "async_store", "either"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -26,8 +26,7 @@ from sqlalchemy import event
 from tests.backends import Backend
 from tests.oracle import make_trace
 from tracestore import AsyncTraceStore, TraceContext
-from tracestore.engine import SQLITE_PRAGMAS
-from tracestore.retention.upkeep import Upkeep
+from tracestore.dialects.sqlite_connect import SQLITE_PRAGMAS
 
 T0 = 1_700_000_000.0
 CUTOFF = T0 + 100  # the prune tests' traces are created just after T0
@@ -368,9 +367,10 @@ async def test_a_cancelled_prune_deletes_whole_committed_batches_only(
 async def test_a_cancel_during_the_upkeep_after_commit_leaves_the_pool_as_configured(
     db_path: Path, backend: Backend
 ) -> None:
-    async with AsyncTraceStore(backend.async_url) as store:
-        # A WAL checkpoint after every write: it lowers busy_timeout while it waits for readers, then puts it back.
-        store._upkeep = upkeep = Upkeep(wal_path=f"{db_path}-wal", wal_limit=1)
+    # A WAL checkpoint after every write: it lowers busy_timeout while it waits for readers, then puts it back.
+    async with AsyncTraceStore(backend.async_url, wal_checkpoint_bytes=1) as store:
+        upkeep = store._upkeep
+        assert upkeep is not None
 
         async def prepare(i: int) -> None:
             pass

@@ -54,8 +54,10 @@ def test_same_signature_and_awaitable(name: str) -> None:
     async_method = getattr(AsyncTraceStore, name, None)
     assert async_method is not None, f"AsyncTraceStore.{name} is missing"
     assert comparable(inspect.signature(async_method)) == comparable(inspect.signature(sync_method))
-    if inspect.isgeneratorfunction(sync_method):  # an iterator on one side, an async iterator on the other
-        assert inspect.isasyncgenfunction(async_method)
+    returns = inspect.signature(sync_method).return_annotation
+    if str(returns).startswith("Iterator["):  # an iterator on one side, an async iterator on the other
+        assert str(inspect.signature(async_method).return_annotation).startswith("AsyncIterator[")
+        assert not inspect.iscoroutinefunction(async_method)
     else:
         assert inspect.iscoroutinefunction(async_method)
 
@@ -106,10 +108,12 @@ async def test_same_answers_as_the_sync_store(backend: Backend) -> None:
                 assert sync_store.query(**args) == expected
                 assert await async_store.query(**args) == expected
             for uid, since, limit in itertools.product(["s1", "s2"], [None, T0 + 1], [None, 2]):
-                assert await async_store.get_by_session_uid(uid, since, limit) == sync_store.get_by_session_uid(
-                    uid, since, limit
+                assert await async_store.get_by_session_uid(
+                    uid, since=since, limit=limit
+                ) == sync_store.get_by_session_uid(uid, since=since, limit=limit)
+                assert await async_store.explain(uid, since=since, limit=limit) == sync_store.explain(
+                    uid, since=since, limit=limit
                 )
-                assert await async_store.explain(uid, since, limit) == sync_store.explain(uid, since, limit)
             for trace in [*traces, make_trace(id="missing")]:
                 assert await async_store.get(trace.id) == sync_store.get(trace.id)
 

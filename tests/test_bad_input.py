@@ -185,6 +185,7 @@ def test_nul_in_query_arguments(store: TraceStore, backend: Backend) -> None:
 
 
 # -- timestamps far in the past and the future -------------------------------------------------------------
+END_OF_9999 = math.nextafter(253402300800.0, 0)  # the last instant before 10000-01-01, the first one refused
 EXTREME_TIMES = [
     -1.7976931348623157e308,
     -1e300,
@@ -192,9 +193,7 @@ EXTREME_TIMES = [
     -0.0,
     5e-324,
     T0,
-    253402300800.0,  # 10000-01-01: beyond datetime
-    1e300,
-    1.7976931348623157e308,
+    END_OF_9999,
 ]
 
 
@@ -208,11 +207,26 @@ def test_extreme_timestamps_round_trip_sort_and_page(store: TraceStore, backend:
     for trace in traces:
         assert store.get(trace.id) == trace
     assert store.get_by_session_uid("s") == oracle_query(traces, session_uid="s")
-    for since, until in [(-math.inf, None), (-1e300, 1e300), (0.0, None), (None, -0.0), (1e300, None)]:
+    for since, until in [(-math.inf, None), (-1e300, END_OF_9999), (0.0, None), (None, -0.0), (END_OF_9999, None)]:
         since = None if since == -math.inf else since
         assert store.query(since=since, until=until) == oracle_query(traces, since=since, until=until)
     assert [t.id for t in store.iter_session("s", page_size=2)] == [t.id for t in oracle_query(traces)]
     assert backend.junction_drift() == []
+
+
+def test_a_time_in_milliseconds_is_refused_and_nothing_is_written(store: TraceStore, backend: Backend) -> None:
+    """A created_at in milliseconds would top its session for ever (prune refuses future cutoffs)."""
+    store.store(make(id="keep", session_uids=["s"], created_at=T0))
+    before = snapshot(backend)
+    with pytest.raises(InvalidTraceError, match="past the year 9999: it looks like milliseconds: divide by 1000"):
+        make(session_uids=["s"], created_at=T0 * 1000)
+    for field_name in ("created_at", "updated_at"):
+        bad = make(session_uids=["s"], created_at=T0 + 1)
+        setattr(bad, field_name, T0 * 1000)  # fields are mutable: store() checks them again
+        with pytest.raises(InvalidTraceError, match="past the year 9999: it looks like milliseconds: divide by 1000"):
+            store.store_batch([make(session_uids=["s"], created_at=T0 + 2), bad])
+    assert snapshot(backend) == before
+    assert [t.id for t in store.get_by_session_uid("s")] == ["keep"]
 
 
 # -- huge values ------------------------------------------------------------------------------------------------
@@ -279,7 +293,7 @@ def test_another_applications_sqlite_file_is_refused_and_its_rows_are_left_alone
 
 
 def test_a_directory_is_not_a_database(tmp_path: Path) -> None:
-    with pytest.raises(StorageError, match="unable to open"):
+    with pytest.raises(StorageError, match="is a directory, not a SQLite database file"):
         TraceStore(f"sqlite:///{tmp_path}")
     assert os.listdir(tmp_path) == []
 
@@ -616,11 +630,16 @@ def test_cli_prints_extreme_timestamps_and_escapes_control_characters(db_path: P
     with TraceStore(url) as store:
         store.store_batch(
             [
-                make(id="far", session_uids=["s"], created_at=1e300),
-                make(id="year-10000", session_uids=["s"], created_at=253402300800.0),
+                make(id="far", session_uids=["s"], created_at=T0 + 2),
+                make(id="year-10000", session_uids=["s"], created_at=T0 + 1),
                 make(id="a\x1b[2Jb\nc", namespace="n\rx", context_type="t\u2028", session_uids=["s"], created_at=T0),
             ]
         )
+    # Times past the year 9999 are refused now; a file written before that may hold them, and `recent` shows them.
+    with contextlib.closing(sqlite3.connect(db_path)) as connection, connection:
+        for trace_id, created_at in (("far", 1e300), ("year-10000", 253402300800.0)):
+            for table, key in (("traces", "id"), ("trace_sessions", "trace_id")):
+                connection.execute(f"UPDATE {table} SET created_at = ? WHERE {key} = ?", (created_at, trace_id))
     result = cli(["recent", "s", "--url", url, "--since", "100000d"])
     assert result.returncode == 0, result.stderr
     lines = result.stdout.decode().splitlines()

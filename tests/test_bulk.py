@@ -175,7 +175,7 @@ def test_head_is_deterministic_and_answers_like_the_oracle(tmp_path: Path) -> No
         traces = store.query()
         for uid, since in [(report.hot_session_uid, NOW - 600), (report.hot_session_uid, None)]:
             expected = [t.id for t in oracle_query(traces, session_uid=uid, since=since, limit=100)]
-            assert [t.id for t in store.get_by_session_uid(uid, since, 100)] == expected
+            assert [t.id for t in store.get_by_session_uid(uid, since=since, limit=100)] == expected
     recent = [t for t in traces if report.hot_session_uid in t.session_uids and t.created_at >= NOW - 600]
     assert len(recent) == report.burst_traces == 200
 

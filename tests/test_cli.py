@@ -88,6 +88,19 @@ def test_every_command_has_help(command: str | None) -> None:
         assert all(name in result.output for name in COMMANDS)
 
 
+def test_the_command_list_shows_each_command_in_whole_words() -> None:
+    """click cuts a docstring's first sentence at 45 characters ("...") in `tracestore --help`: each command
+    has a short_help that fits an 80-column terminal on one line instead."""
+    result = CliRunner().invoke(main, ["--help"], terminal_width=80)
+    assert result.exit_code == 0, result.output
+    listed = result.output.split("Commands:\n", 1)[1].splitlines()
+    assert [line.split()[0] for line in listed] == COMMANDS
+    for line in listed:
+        name, text = line.split(maxsplit=1)
+        assert text == main.commands[name].short_help and not text.endswith("..."), line
+        assert len(line) <= 80, line
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [
@@ -335,6 +348,35 @@ def test_not_a_database_is_a_clean_error(tmp_path: Path) -> None:
     path.write_bytes(b"this is not a database" * 100)
     result = run("recent", "s-alpha", "--url", f"sqlite:///{path}")
     assert_clean_failure(result, 1)
+
+
+@pytest.mark.parametrize("kind", ["directory", "text file"])
+def test_a_directory_or_a_file_of_another_kind_is_named_with_what_is_wrong(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "x"
+    if kind == "directory":
+        path.mkdir()
+        wrong = f"{path} is a directory, not a SQLite database file"
+    else:
+        path = tmp_path / "notes.txt"
+        path.write_text("my notes\n")
+        wrong = f"{path} is not a SQLite database (its header is not 'SQLite format 3')"
+    for args in (["current"], ["upgrade"], ["recent", "s"], ["verify"], ["prune", "--older-than", "1d"]):
+        result = run("--url", f"sqlite:///{path}", *args)
+        assert_clean_failure(result, 1)
+        (line,) = result.stderr.splitlines()
+        assert line == f"Error: {wrong}", (args, line)
+    forced = run("--url", f"sqlite:///{path}", "demo", "--force", "--traces", "10")
+    assert_clean_failure(forced, 1)
+    assert wrong in forced.stderr and path.exists()  # --force replaces a database, never this
+    if kind == "text file":
+        assert path.read_text() == "my notes\n"
+
+
+@pytest.mark.parametrize("given", ["traces.db", "data/traces.db"])
+def test_a_file_path_given_as_the_url_suggests_the_sqlite_url(given: str) -> None:
+    result = run("--url", given, "current")
+    assert_clean_failure(result, 2)
+    assert f"use sqlite:///{given}" in result.stderr and "'--url'" in result.stderr
 
 
 def test_an_unreachable_postgresql_server_is_a_clean_error(tmp_path: Path) -> None:

@@ -115,9 +115,8 @@ def test_a_write_outlasts_a_lock_held_longer_than_busy_timeout(db_path: Path) ->
 
 
 def test_past_the_deadline_the_write_fails_with_storage_busy_error_and_writes_nothing(db_path: Path) -> None:
-    with TraceStore(f"sqlite:///{db_path}") as store:
+    with TraceStore(f"sqlite:///{db_path}", retry_deadline=0.3) as store:
         impatient(store, busy_timeout_ms=50)
-        store._busy_deadline = 0.3
         holder = hold(db_path, "write", 1.5)
         with pytest.raises(StorageBusyError, match=r"stayed locked by other writers for 0.3 s .*nothing was written"):
             store.store_batch(make_traces(50, session_uids=["s"], seed=1))

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from tracestore import AsyncTraceStore, TraceStore
-from tracestore.retention.upkeep import Upkeep, refresh_statistics
+from tracestore.retention.upkeep import refresh_statistics
 from tracestore.testing import make_traces
 
 MB = 1024 * 1024
@@ -60,8 +60,9 @@ class OverlappingReaders:
 
 def write_under_overlapping_readers(path: Path, *, wal_limit: int) -> tuple[int, int, int]:
     """150 batches of 50 traces (2 KB payloads) with readers always open: (largest WAL, checkpoints, reader cycles)."""
-    with TraceStore(f"sqlite:///{path}") as store:
-        store._upkeep = upkeep = Upkeep(wal_path=f"{path}-wal", wal_limit=wal_limit)
+    with TraceStore(f"sqlite:///{path}", wal_checkpoint_bytes=wal_limit) as store:
+        upkeep = store._upkeep
+        assert upkeep is not None
         store.store_batch(make_traces(10, session_uids=["s"], seed=0))
         largest = 0
         with OverlappingReaders(path) as readers:
@@ -94,8 +95,9 @@ def test_overlapping_readers_starve_the_autocheckpoint_and_the_store_bounds_the_
 
 async def test_the_async_store_checkpoints_too(tmp_path: Path) -> None:
     path = tmp_path / "traces.db"
-    async with AsyncTraceStore(f"sqlite+aiosqlite:///{path}") as store:
-        store._upkeep = upkeep = Upkeep(wal_path=f"{path}-wal", wal_limit=64 * 1024)
+    async with AsyncTraceStore(f"sqlite+aiosqlite:///{path}", wal_checkpoint_bytes=64 * 1024) as store:
+        upkeep = store._upkeep
+        assert upkeep is not None
         for index in range(5):
             await store.store_batch(make_traces(200, session_uids=["s"], payload_bytes=1000, seed=index))
             assert wal_size(path) <= 64 * 1024  # truncated right after the write that passed the limit
@@ -111,8 +113,7 @@ def stats(path: Path) -> dict[str, int]:
 
 def test_statistics_follow_the_tables_growth_during_writes_and_on_close(tmp_path: Path) -> None:
     path = tmp_path / "traces.db"
-    with TraceStore(f"sqlite:///{path}") as store:
-        store._upkeep = Upkeep(wal_path=f"{path}-wal", statistics_every=10)
+    with TraceStore(f"sqlite:///{path}", analyze_every=10) as store:
         assert stats(path) == {}  # 0004's ANALYZE ran on empty tables: the planner knows nothing
         for index in range(9):
             store.store_batch(make_traces(100, session_uids=["s", f"b{index}"], seed=index))
@@ -125,8 +126,7 @@ def test_statistics_follow_the_tables_growth_during_writes_and_on_close(tmp_path
             store.store_batch(make_traces(100, session_uids=["s"], seed=index))
         before = stats(path)
     assert stats(path) == before  # close checked, found them fresh enough
-    with TraceStore(f"sqlite:///{path}") as store:
-        store._upkeep = Upkeep(wal_path=f"{path}-wal", statistics_every=0)  # only on close
+    with TraceStore(f"sqlite:///{path}", analyze_every=0) as store:  # only on close
         store.store_batch(make_traces(9000, session_uids=["s"], seed=1000))
         assert stats(path) == before
     after = stats(path)

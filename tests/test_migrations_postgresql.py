@@ -12,8 +12,9 @@ from sqlalchemy import Connection, create_engine, event, text
 
 from tests.backends import Backend
 from tracestore import MigrationError, TraceStore
+from tracestore.dialects.postgresql import index_is_valid
 from tracestore.migrate import current_revision, head_revision, online, upgrade
-from tracestore.migrate.schema import column_names, index_is_valid, session_index_drift
+from tracestore.migrate.schema import column_names, session_index_drift
 from tracestore.models import SESSION_TIME_INDEX
 
 from .oracle import oracle_query

@@ -97,7 +97,7 @@ QUERIES = list(
 
 def assert_answers_like_the_oracle(store: TraceStore, expected: list[TraceContext]) -> None:
     for uid, since, limit in QUERIES:
-        got = [trace.id for trace in store.get_by_session_uid(uid, since, limit)]
+        got = [trace.id for trace in store.get_by_session_uid(uid, since=since, limit=limit)]
         assert got == [t.id for t in oracle_query(expected, session_uid=uid, since=since, limit=limit)], (
             uid,
             since,
@@ -115,11 +115,11 @@ def test_partial_backfill_answers_like_the_oracle(tmp_path: Path, caplog: pytest
         assert "session queries use the legacy join" in caplog.text
         assert not any("idx_trace_sessions_uid_time" in line for line in store.explain("s-a", since=T0))
         assert_answers_like_the_oracle(store, expected)
-        several = [t.id for t in store.get_by_session_uids(["s-a", "s-tie", "s-new"], T0 + 66, 25)]
+        several = [t.id for t in store.get_by_session_uids(["s-a", "s-tie", "s-new"], since=T0 + 66, limit=25)]
         matching = [t for t in expected if {"s-a", "s-tie", "s-new"} & set(t.session_uids) and t.created_at >= T0 + 66]
         assert several == [t.id for t in sorted(matching, key=lambda t: (t.created_at, t.id), reverse=True)[:25]]
         for uid in SESSIONS:  # keyset pages too, across filled and unfilled links
-            paged = [t.id for t in store.iter_session(uid, T0 + 10, page_size=7)]
+            paged = [t.id for t in store.iter_session(uid, since=T0 + 10, page_size=7)]
             assert paged == [t.id for t in oracle_query(expected, session_uid=uid, since=T0 + 10)]
         # This release writes during the migration too, and its traces are answered at once.
         mine = make_trace(id="mine", created_at=T0 + 300, session_uids=("s-a",))
@@ -138,11 +138,11 @@ async def test_partial_backfill_answers_like_the_oracle_async(tmp_path: Path) ->
     expected = half_backfilled(path, legacy_dataset(seed=8))
     async with AsyncTraceStore(f"sqlite+aiosqlite:///{path}", auto_upgrade=False) as store:
         for uid, since, limit in QUERIES:
-            got = [trace.id for trace in await store.get_by_session_uid(uid, since, limit)]
+            got = [trace.id for trace in await store.get_by_session_uid(uid, since=since, limit=limit)]
             assert got == [t.id for t in oracle_query(expected, session_uid=uid, since=since, limit=limit)]
         upgrade(f"sqlite:///{path}")
         assert any("idx_trace_sessions_uid_time" in line for line in await store.explain("s-a", since=T0))
-        assert [t.id for t in await store.get_by_session_uid("s-b", T0)] == [
+        assert [t.id for t in await store.get_by_session_uid("s-b", since=T0)] == [
             t.id for t in oracle_query(expected, session_uid="s-b", since=T0)
         ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,22 +21,35 @@ def run(*args: str | Path, cwd: Path) -> str:
     return result.stdout + result.stderr
 
 
-def test_wheel_installs_and_upgrades_a_database(tmp_path: Path) -> None:
+@dataclass(frozen=True)
+class Installed:
+    wheel: Path
+    venv: Path
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """The wheel, built as a user's `pip install` builds it, installed without extras in a fresh virtualenv."""
+    tmp_path = tmp_path_factory.mktemp("packaging")
     dist = tmp_path / "dist"
     # sdist first, then the wheel from the sdist: what a user's `pip install` gets, never stale build/ files.
     run(sys.executable, "-m", "build", "--outdir", dist, ROOT, cwd=tmp_path)
     (wheel,) = dist.glob("tracestore-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
+    run(venv / "bin" / "pip", "install", "--quiet", wheel, cwd=tmp_path)
+    return Installed(wheel, venv)
+
+
+def test_wheel_installs_and_upgrades_a_database(installed: Installed, tmp_path: Path) -> None:
+    names = set(zipfile.ZipFile(installed.wheel).namelist())
     assert "tracestore/py.typed" in names
     assert "tracestore/migrations/env.py" in names
     assert "tracestore/migrations/script.py.mako" in names
     versions = ("0001_legacy_schema.py", "0003_backfill_junction_created_at.py")
     assert {f"tracestore/migrations/versions/{name}" for name in versions} <= names
 
-    venv = tmp_path / "venv"
-    run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
-    run(venv / "bin" / "pip", "install", "--quiet", wheel, cwd=tmp_path)
-
+    venv = installed.venv
     # From an unrelated directory, so nothing of the checkout can be imported by accident.
     work = tmp_path / "elsewhere"
     work.mkdir()
@@ -52,3 +66,14 @@ def test_wheel_installs_and_upgrades_a_database(tmp_path: Path) -> None:
         "s.store(t); assert s.get_by_session_uid('s') == [t]; print('ok')"
     )
     assert "ok" in run(venv / "bin" / "python", "-c", script, cwd=work)
+
+
+def test_demo_runs_from_a_plain_install_in_an_empty_directory(installed: Installed, tmp_path: Path) -> None:
+    """No extras: factory-boy (the `testing` extra) is not there, and the demo does not need it."""
+    python = installed.venv / "bin" / "python"
+    probe = "import importlib.util as u; print(u.find_spec('factory') is None)"
+    assert run(python, "-c", probe, cwd=tmp_path).strip() == "True"
+    out = run(installed.venv / "bin" / "tracestore", "demo", "--traces", "2000", cwd=tmp_path)
+    assert "Stored 2000 traces in 100 sessions" in out and "20 rows, median" in out, out
+    assert "EXPLAIN QUERY PLAN:" in out and "idx_trace_sessions_uid_time" in out, out
+    assert (tmp_path / "traces.db").exists()  # the default URL, in the directory it ran in

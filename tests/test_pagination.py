@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from tests.backends import Backend
 from tests.oracle import make_trace, oracle_query
 from tracestore import AsyncTraceStore, InvalidQueryError, PageCursor, TraceContext, TraceStore
-from tracestore.rows import prepare_page
+from tracestore.core import prepare_page
+from tracestore.queries import statements_for
 
 T0 = 1_750_000_000.0
 
@@ -47,7 +48,7 @@ def test_pages_concatenate_to_the_oracle(store: TraceStore, uid: str, since: flo
     expected = [t.id for t in oracle_query(traces, session_uid=uid, since=since)]
     assert [trace_id for page in pages for trace_id in page] == expected
     assert all(len(page) == limit for page in pages[:-1]) and len(pages[-1]) <= limit
-    assert list(t.id for t in store.iter_session(uid, since, page_size=limit)) == expected
+    assert list(t.id for t in store.iter_session(uid, since=since, page_size=limit)) == expected
 
 
 async def test_async_pages_match_the_sync_ones(backend: Backend) -> None:
@@ -63,7 +64,9 @@ async def test_async_pages_match_the_sync_ones(backend: Backend) -> None:
             if cursor is None:
                 break
         assert pages == expected
-        assert [t.id async for t in store.iter_session("s", T0 + 5, page_size=9)] == [i for p in expected for i in p]
+        assert [t.id async for t in store.iter_session("s", since=T0 + 5, page_size=9)] == [
+            i for p in expected for i in p
+        ]
 
 
 def test_the_cursor_is_the_sort_key_and_a_token(store: TraceStore) -> None:
@@ -89,7 +92,11 @@ def test_a_page_after_a_cursor_is_an_index_range_read(store: TraceStore, backend
     backend.analyze()
     for since in (None, T0):
         stmt, params = prepare_page(
-            store._sql, session_uid="s", since=since, limit=50, cursor=PageCursor(T0 + 100, "t0400-ü")
+            statements_for(store.engine.dialect.name),
+            session_uid="s",
+            since=since,
+            limit=50,
+            cursor=PageCursor(T0 + 100, "t0400-ü"),
         )
         plan = backend.plan(stmt, params)
         if backend.is_sqlite:

@@ -19,10 +19,10 @@ from sqlalchemy import URL, create_engine, text
 
 from tests.backends import Backend
 from tracestore import PageCursor, TraceStore
+from tracestore.core import prepare_page, prepare_query, prepare_sessions_query
 from tracestore.migrate import upgrade
 from tracestore.models import SESSION_TIME_INDEX
-from tracestore.queries import compiled
-from tracestore.rows import prepare_page, prepare_query, prepare_sessions_query
+from tracestore.queries import compiled, statements_for
 
 T0 = 1_700_000_000.0
 TRACES = 200_000
@@ -103,7 +103,7 @@ def test_a_limit_stops_the_index_walk_after_n_entries(
     planner_db: tuple[Backend, TraceStore], args: dict[str, object]
 ) -> None:
     backend, store = planner_db
-    plan = analyzed(backend, *prepare_query(store._sql, **args))  # type: ignore[arg-type]
+    plan = analyzed(backend, *prepare_query(statements_for(store.engine.dialect.name), **args))  # type: ignore[arg-type]
     assert plan.startswith("Limit"), plan
     assert "Sort" not in plan, plan
     assert index_rows(plan) == [100], plan  # 100 entries read out of the session's 50,000
@@ -125,7 +125,12 @@ def test_a_page_deep_in_the_session_reads_only_its_own_entries(planner_db: tuple
     for depth in (1, 1_000, 40_000):  # the cursor of the last trace of page 1, ~page 10, ~page 400
         created = END - 4 * depth
         cursor = PageCursor(created, f"{int(created - T0):08d}")
-        plan = analyzed(backend, *prepare_page(store._sql, session_uid="hot", since=None, limit=100, cursor=cursor))
+        plan = analyzed(
+            backend,
+            *prepare_page(
+                statements_for(store.engine.dialect.name), session_uid="hot", since=None, limit=100, cursor=cursor
+            ),
+        )
         assert "Sort" not in plan, plan
         assert "Index Cond: ((session_uid = 'hot'::text) AND (ROW(created_at, trace_id) < ROW(" in plan, plan
         assert index_rows(plan) == [100], plan
@@ -135,7 +140,9 @@ def test_several_sessions_read_limit_entries_per_session(planner_db: tuple[Backe
     """One backward range of the session index per listed session (a LATERAL subquery run once per element
     of the id array), each stopped after the limit: hot and other hold 50,000 traces each, s1 100."""
     backend, store = planner_db
-    prepared = prepare_sessions_query(store._sql, session_uids=["hot", "other", "s1"], since=None, limit=100)
+    prepared = prepare_sessions_query(
+        statements_for(store.engine.dialect.name), session_uids=["hot", "other", "s1"], since=None, limit=100
+    )
     assert prepared is not None
     plan = analyzed(backend, *prepared)
     assert re.search(
@@ -152,7 +159,9 @@ def test_an_unlimited_window_reads_just_its_rows(planner_db: tuple[Backend, Trac
     What it picks here (VACUUMed table, all-visible pages): the backward index-only scan, no Sort,
     because the scan never touches the heap and returns rows already in order."""
     backend, store = planner_db
-    plan = analyzed(backend, *prepare_query(store._sql, session_uid="hot", since=END - 4_000))
+    plan = analyzed(
+        backend, *prepare_query(statements_for(store.engine.dialect.name), session_uid="hot", since=END - 4_000)
+    )
     assert "Seq Scan" not in plan, plan
     scanned = re.findall(rf"(?:Bitmap Index Scan on|{INDEX_SCAN} on trace_sessions ts) \S* ?\(actual rows=(\d+)", plan)
     assert scanned == ["1001"], plan  # since is inclusive: END - 4000 .. END, every fourth second
@@ -166,7 +175,7 @@ def test_trace_id_as_a_key_column_beats_include(planner_db: tuple[Backend, Trace
     not ordered by trace_id, and PostgreSQL adds an Incremental Sort on top (checked here, inside a
     transaction that is rolled back)."""
     backend, store = planner_db
-    stmt, params = prepare_query(store._sql, session_uid="hot", limit=100)
+    stmt, params = prepare_query(statements_for(store.engine.dialect.name), session_uid="hot", limit=100)
     with backend.engine.connect() as connection:  # rolled back at the end: the test database keeps its index
         query = compiled(stmt, connection.dialect)
         connection.exec_driver_sql(f"DROP INDEX {SESSION_TIME_INDEX}")

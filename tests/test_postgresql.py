@@ -1,7 +1,7 @@
 """PostgreSQL: both drivers against the tests' real server, the migration lock, bounded transactions,
 the triggers that keep the junction's created_at.
 
-The groundwork of issue 5: `make test` runs the suite inside scripts/with-postgres, which starts a
+`make test` runs the suite inside scripts/with-postgres, which starts a
 throwaway cluster; each test gets its own database (tests/conftest.py `pg_url`).
 """
 
@@ -331,7 +331,7 @@ def test_sync_store_answers_like_the_oracle_on_postgresql(pg_url: URL) -> None:
         for uid, since, limit in itertools.product(
             ["s0", "s1", "shared-ß", "none"], [None, T0 + 3, T0 + 99], [None, 3]
         ):
-            assert store.get_by_session_uid(uid, since, limit) == oracle_query(
+            assert store.get_by_session_uid(uid, since=since, limit=limit) == oracle_query(
                 traces, session_uid=uid, since=since, limit=limit
             )
         pages, cursor = [], None

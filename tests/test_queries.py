@@ -25,11 +25,13 @@ from tracestore.queries import (
     LINK_COLUMNS,
     TRACE_COLUMNS,
     DriverSQL,
+    Shape,
     compiled,
     explain_statement,
     query_statement,
     statements_for,
 )
+from tracestore.types import Query
 
 T0 = 1_700_000_000.0
 N_TRACES = 20_000
@@ -151,10 +153,7 @@ def index_without_trace_id(planner_db: tuple[TraceStore, Path], tmp_path_factory
 
 
 def raw_plan(path: Path, **args: Any) -> list[str]:
-    values = {"session_uid": "hot", "namespace": None, "context_type": None, "since": None, "until": None}
-    values.update(args)
-    values.setdefault("limit", None)
-    stmt, params = query_statement(statements_for("sqlite"), **values)
+    stmt, params = query_statement(statements_for("sqlite"), Query(session_uid="hot", **args))
     sql, driver_params = explain_statement(stmt, params, sqlite.dialect())
     connection = sqlite3.connect(path)
     try:
@@ -181,11 +180,11 @@ def test_statements_are_built_once() -> None:
     assert statements_for("sqlite") is statements
     shapes = set()
     for flags in FLAG_COMBINATIONS:
-        kwargs = dict(zip(("since", "until", "limit", "namespace", "context_type"), flags, strict=True))
-        session = statements.session_traces(**kwargs)
-        assert statements.session_traces(**kwargs) is session
-        everything = statements.all_traces(**kwargs)
-        assert statements.all_traces(**kwargs) is everything
+        shape = Shape(*flags)
+        session = statements.session_traces(shape)
+        assert statements.session_traces(Shape(*flags)) is session
+        everything = statements.all_traces(shape)
+        assert statements.all_traces(Shape(*flags)) is everything
         shapes.update({id(session), id(everything)})
     assert len(shapes) == 2 * len(FLAG_COMBINATIONS)
     for name in ("insert_trace", "upsert_trace", "insert_link", "delete_trace", "get_trace"):
@@ -199,9 +198,9 @@ DIALECTS = {"sqlite": sqlite.dialect(), "postgresql": postgresql.dialect()}
 def test_values_are_bound_never_inlined(dialect_name: str) -> None:
     # Same shape, different values: the very same statement object, values only in the parameters.
     statements = statements_for(dialect_name)
-    args: dict[str, Any] = {"namespace": "n'; DROP TABLE traces; --", "context_type": None, "until": None}
-    first, first_params = query_statement(statements, session_uid="a", since=1.0, limit=5, **args)
-    second, second_params = query_statement(statements, session_uid="b", since=2.0, limit=9, **args)
+    namespace = "n'; DROP TABLE traces; --"
+    first, first_params = query_statement(statements, Query(session_uid="a", since=1.0, limit=5, namespace=namespace))
+    second, second_params = query_statement(statements, Query(session_uid="b", since=2.0, limit=9, namespace=namespace))
     assert first is second
     assert first_params != second_params
     sql = str(first.compile(dialect=DIALECTS[dialect_name]))
@@ -211,9 +210,7 @@ def test_values_are_bound_never_inlined(dialect_name: str) -> None:
 
 @pytest.mark.parametrize("dialect_name", DIALECTS)
 def test_session_statement_filters_and_sorts_on_the_junction(dialect_name: str) -> None:
-    stmt = statements_for(dialect_name).session_traces(
-        since=True, until=True, limit=True, namespace=False, context_type=False
-    )
+    stmt = statements_for(dialect_name).session_traces(Shape(since=True, until=True, limit=True))
     sql = " ".join(str(stmt.compile(dialect=DIALECTS[dialect_name])).split())
     assert "ORDER BY ts.created_at DESC, ts.trace_id DESC" in sql
     marker = "?" if dialect_name == "sqlite" else "%(since)s"
@@ -265,8 +262,8 @@ for dialect_name, dialect in (("sqlite", sqlite.dialect()), ("postgresql", postg
     built = [getattr(statements, name) for name in
              ("insert_trace", "upsert_trace", "insert_link", "delete_trace", "get_trace")]
     for flags in itertools.product([False, True], repeat=5):
-        kwargs = dict(zip(("since", "until", "limit", "namespace", "context_type"), flags))
-        built += [statements.session_traces(**kwargs), statements.all_traces(**kwargs)]
+        shape = queries.Shape(*flags)
+        built += [statements.session_traces(shape), statements.all_traces(shape)]
     for stmt in built:
         str(stmt.compile(dialect=dialect))
         count += 1

@@ -3,6 +3,7 @@ a writer process during a prune, the space report, bad input, and the `tracestor
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -22,8 +23,9 @@ from sqlalchemy import event
 
 from tracestore import AsyncTraceStore, TraceContext, TraceStore
 from tracestore.cli import main
+from tracestore.cli.retention import summary
 from tracestore.errors import InvalidQueryError
-from tracestore.retention.prune import MAX_BATCH_SIZE
+from tracestore.retention.prune import MAX_BATCH_SIZE, PruneReport
 from tracestore.retention.queries import retention_statements_for
 
 from .backends import Backend
@@ -300,12 +302,30 @@ def test_space_report_and_incremental_vacuum(tmp_path: Path) -> None:
     assert incremental.stat().st_size < size / 4
 
 
+def test_the_advice_offers_vacuum_only_where_it_returns_pages(tmp_path: Path) -> None:
+    """A file tracestore creates has auto_vacuum=NONE (a write-throughput choice): its advice never sends the
+    reader to --vacuum, which cannot shrink it; an INCREMENTAL file's does."""
+    plain, incremental = tmp_path / "plain.db", tmp_path / "incremental.db"
+    sqlite3.connect(incremental).execute("PRAGMA auto_vacuum=INCREMENTAL").connection.close()  # before any table
+    traces = [make_trace(id=f"t{i}", created_at=NOW - 40 * DAY - i, data="x" * 2_000) for i in range(200)]
+    advice = {}
+    for path in (plain, incremental):
+        with TraceStore(f"sqlite:///{path}") as store:
+            store.store_batch(traces)
+            advice[path] = store.prune(CUTOFF).space.advice
+    with contextlib.closing(sqlite3.connect(plain)) as connection:
+        assert connection.execute("PRAGMA auto_vacuum").fetchone() == (0,)
+    assert "only VACUUM shrinks it" in advice[plain] and "--vacuum" not in advice[plain], advice[plain]
+    assert "--vacuum" in advice[incremental] and "VACUUM shrinks" not in advice[incremental], advice[incremental]
+
+
 def test_the_space_report_says_where_the_space_went(store: TraceStore, backend: Backend) -> None:
     store.store_batch(dataset(100))
     space = store.prune(CUTOFF).space
-    if backend.is_sqlite:
+    if backend.is_sqlite:  # a file tracestore creates has auto_vacuum=NONE, which --vacuum cannot shrink
         assert space.free_pages is not None and space.free_pages > 0 and space.page_size
-        assert space.advice.startswith(f"{space.free_pages:,} free pages") and "--vacuum" in space.advice
+        assert space.advice.startswith(f"{space.free_pages:,} free pages") and "only VACUUM shrinks it" in space.advice
+        assert "--vacuum" not in space.advice
     else:
         assert space.free_pages is None and "autovacuum" in space.advice
 
@@ -337,6 +357,13 @@ async def test_bad_arguments_are_refused_before_anything_is_deleted(backend: Bac
     assert stored_rows(backend) == expected_rows(traces, -math.inf)
 
 
+def test_a_cutoff_in_milliseconds_names_the_unit(store: TraceStore) -> None:
+    with pytest.raises(InvalidQueryError, match=r"older_than .* is past the year 9999: it looks like milliseconds"):
+        store.prune(NOW * 1000, dry_run=True)
+    with pytest.raises(InvalidQueryError, match="microseconds: divide by 1000000"):
+        store.prune(int(NOW * 1e6))
+
+
 # -- the command -----------------------------------------------------------------------------------------------
 def test_cli_prune(backend: Backend) -> None:
     # Half a day away from any whole number of days: which traces `--older-than 30d` takes is not a coin toss.
@@ -352,22 +379,80 @@ def test_cli_prune(backend: Backend) -> None:
     assert dry.exit_code == 0, dry.output
     cutoff = now - 30 * DAY
     old = sum(t.created_at < cutoff for t in traces)
-    assert dry.stdout.startswith(f"Would prune {old:,} traces created before ")
+    assert dry.stdout.startswith(f"Would delete {old:,} traces older than ")
     assert stored_rows(backend) == expected_rows(traces, -math.inf)
     args = ["--url", backend.url, "prune", "--older-than", "30d", "--batch-size", "11", "--vacuum"]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"Pruned {old:,} traces created before "), lines
+    assert len(lines) == 1 and lines[0].startswith(f"Deleted {old:,} traces older than "), lines
     # The full batches, the short one that ends the walk, and the last pass from the oldest end (empty here).
-    assert f"in {old // 11 + 1 + (old >= 11)} batches" in lines[0], lines
-    assert ("VACUUM" if backend.is_sqlite else "autovacuum") in lines[0]
+    assert f": {old // 11 + 1 + (old >= 11)} batches, " in lines[0], lines
+    assert ("VACUUM" if backend.is_sqlite else "autovacuum") in result.stderr  # the space advice
     assert "pruning traces" in result.stderr
     assert stored_rows(backend) == expected_rows(traces, cutoff)
 
     for args, code in ((["--older-than", "soon"], 2), (["--older-than", "1d", "--batch-size", "0"], 2), ([], 2)):
         bad = runner.invoke(main, ["--url", backend.url, "prune", *args])
         assert bad.exit_code == code and "Error" in bad.stderr and "Traceback" not in bad.output, bad.output
+
+
+@pytest.mark.parametrize(
+    ("older_than", "named"),
+    [("1796415240000", "looks like an epoch time in milliseconds"), ("800000d", "before the year 1")],
+)
+def test_cli_prune_refuses_an_age_before_the_year_1_in_one_line(
+    tmp_path: Path, older_than: str, named: str
+) -> None:
+    url = f"sqlite:///{tmp_path / 'traces.db'}"
+    with TraceStore(url) as store:
+        store.store(make_trace(created_at=CUTOFF - DAY))
+    for dry_run in (["--dry-run"], []):
+        result = CliRunner().invoke(main, ["--url", url, "prune", "--older-than", older_than, *dry_run])
+        assert result.exit_code == 2, result.output
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+        assert errors == [line for line in result.stderr.splitlines() if "Error" in line] and len(errors) == 1
+        assert "'--older-than'" in errors[0] and named in errors[0], errors
+        assert "Traceback" not in result.output and result.stdout == ""
+    with TraceStore(url) as store:
+        assert len(store.query()) == 1
+
+
+def test_cli_prune_summary_is_one_short_line(tmp_path: Path) -> None:
+    """stdout: one line that fits a terminal, "would delete N" on a dry run, no rate when nothing was deleted
+    or the run was too short for one; the space advice goes to stderr."""
+    url = f"sqlite:///{tmp_path / 'traces.db'}"
+    with TraceStore(url) as store:
+        store.store_batch([make_trace(created_at=CUTOFF - DAY - i) for i in range(120)])
+    runner = CliRunner()
+    dry = runner.invoke(main, ["--url", url, "prune", "--older-than", "30d", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    (line,) = dry.stdout.splitlines()
+    assert line.startswith("Would delete 120 traces older than ") and line.endswith("(dry run)"), line
+    assert "deleted" not in line.lower() and "=" not in line and len(line) <= 80, line
+    pruned = runner.invoke(main, ["--url", url, "prune", "--older-than", "30d", "--batch-size", "50"])
+    assert pruned.exit_code == 0, pruned.output
+    (line,) = pruned.stdout.splitlines()
+    assert line.startswith("Deleted 120 traces older than ") and ": 4 batches, " in line, line
+    assert "/s" not in line and len(line) <= 80, line  # well under a second: no rate
+    assert "free pages" in pruned.stderr and "only VACUUM shrinks it" in pruned.stderr
+    nothing = runner.invoke(main, ["--url", url, "prune", "--older-than", "30d"])
+    assert nothing.exit_code == 0, nothing.output
+    (line,) = nothing.stdout.splitlines()
+    assert line.startswith("Deleted 0 traces: none is older than ") and "/s" not in line, line
+    assert "free pages" not in nothing.stderr  # nothing deleted, nothing to say about space
+
+
+def test_prune_summary_shows_a_rate_only_when_it_means_something() -> None:
+    def report(deleted: int, seconds: float, *, dry_run: bool = False) -> PruneReport:
+        return PruneReport(cutoff=CUTOFF, deleted=deleted, batches=3, seconds=seconds, dry_run=dry_run)
+
+    assert summary(report(30_000, 12.0)).endswith(": 3 batches, 12.0 s, 2,500/s")
+    assert summary(report(30_000, 0.4)).endswith(": 3 batches, 0.4 s")
+    assert summary(report(0, 12.0)).startswith("Deleted 0 traces: none is older than ")
+    assert summary(report(30_000, 0.4, dry_run=True)).startswith("Would delete 30,000 traces older than ")
+    assert summary(report(1_234_567, 3_600.0)).startswith("Deleted 1,234,567 traces older than 20")
+    assert len(summary(report(30_000, 12.0))) <= 80
 
 
 def test_cli_prune_of_a_missing_file(tmp_path: Path) -> None:

@@ -145,7 +145,7 @@ def test_sync_store_reads_from_a_streaming_replica_and_writes_to_the_primary(pg_
         store.store_batch(traces)  # the standby refuses writes (above): these went to the primary
         wait_for_replay(pg_url, standby)
         for uid, since, limit in itertools.product(["s0", "s1", "all", "none"], [None, T0 + 4], [None, 2]):
-            assert store.get_by_session_uid(uid, since, limit) == oracle_query(
+            assert store.get_by_session_uid(uid, since=since, limit=limit) == oracle_query(
                 traces, session_uid=uid, since=since, limit=limit
             )
         assert store.query(namespace="jobs", limit=5) == oracle_query(traces, namespace="jobs", limit=5)
@@ -270,7 +270,7 @@ def assert_answers(store: TraceStore, traces: list[TraceContext]) -> None:
     for uid, since, limit in itertools.product(
         ["s0", "s1", "s3", "none"], [None, epoch(2024, 3, 1), epoch(2024, 5, 20)], [None, 1, 7]
     ):
-        assert store.get_by_session_uid(uid, since, limit) == oracle_query(
+        assert store.get_by_session_uid(uid, since=since, limit=limit) == oracle_query(
             traces, session_uid=uid, since=since, limit=limit
         )
     assert store.query(session_uid="s2", namespace="web", until=epoch(2024, 4, 1)) == oracle_query(

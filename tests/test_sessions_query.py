@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from tests.backends import Backend
 from tests.oracle import make_trace
 from tracestore import AsyncTraceStore, InvalidQueryError, TraceContext, TraceStore
-from tracestore.queries import Statements, compiled, explain_statement
-from tracestore.rows import MAX_SESSIONS, decode_rows, prepare_sessions_query
+from tracestore.core import MAX_SESSIONS, prepare_sessions_query
+from tracestore.queries import Statements, compiled, explain_statement, statements_for
+from tracestore.rows import decode_rows
 
 T0 = 1_750_000_000.0
 SESSIONS = ["a", "b", "c-ü", "d"]
@@ -72,7 +73,7 @@ def test_several_sessions_equal_the_oracle(
 ) -> None:
     traces = dataset()
     store.store_batch(traces)
-    got = store.get_by_session_uids(uids, since, limit)
+    got = store.get_by_session_uids(uids, since=since, limit=limit)
     assert [t.id for t in got] == oracle(traces, uids, since, limit)
     assert len({t.id for t in got}) == len(got)  # a trace in two of the sessions comes once
     by_id = {t.id: t for t in traces}
@@ -83,7 +84,7 @@ async def test_async_several_sessions(backend: Backend) -> None:
     traces = dataset(seed=6)
     async with AsyncTraceStore(backend.async_url) as store:
         await store.store_batch(traces)
-        got = await store.get_by_session_uids(["a", "d"], T0 + 20, 17)
+        got = await store.get_by_session_uids(["a", "d"], since=T0 + 20, limit=17)
         assert [t.id for t in got] == oracle(traces, ["a", "d"], T0 + 20, 17)
         got = await store.get_by_session_uids(["c-ü", "b", "c-ü"])
         assert [t.id for t in got] == oracle(traces, ["c-ü", "b"], None, None)
@@ -141,8 +142,10 @@ def test_several_sessions_match_the_oracle_property(store: TraceStore, backend: 
         since = data.draw(st.sampled_from([None, T0, T0 + 1, T0 + 1.25, T0 + 3]), label="since")
         limit = data.draw(st.one_of(st.none(), st.integers(1, 12)), label="limit")
         expected = oracle_traces(traces, uids, since, limit)
-        assert store.get_by_session_uids(uids, since, limit) == expected
-        migrating = prepare_sessions_query(store._sql, session_uids=uids, since=since, limit=limit, migrating=True)
+        assert store.get_by_session_uids(uids, since=since, limit=limit) == expected
+        migrating = prepare_sessions_query(
+            statements_for(store.engine.dialect.name), session_uids=uids, since=since, limit=limit, migrating=True
+        )
         assert migrating is not None
         assert run_raw(backend, *migrating) == expected
 
@@ -284,7 +287,9 @@ def test_each_session_is_one_index_range_read(
     `limit` entries with a limit): never a scan of trace_sessions, whatever the number of sessions."""
     store.store_batch(dataset(3_000))
     settle(backend)
-    prepared = prepare_sessions_query(store._sql, session_uids=THREE, since=since, limit=limit)
+    prepared = prepare_sessions_query(
+        statements_for(store.engine.dialect.name), session_uids=THREE, since=since, limit=limit
+    )
     assert prepared is not None
     range_read = "USING COVERING INDEX idx_trace_sessions_uid_time (session_uid=? AND created_at>?)"
     if backend.is_sqlite:
@@ -317,7 +322,9 @@ def test_candidates_are_cut_to_the_limit_before_traces_are_read(store: TraceStor
     the subquery `k`; only then does the join read trace rows and session lists."""
     store.store_batch(dataset(3_000))
     settle(backend)
-    prepared = prepare_sessions_query(store._sql, session_uids=SESSIONS, since=None, limit=20)
+    prepared = prepare_sessions_query(
+        statements_for(store.engine.dialect.name), session_uids=SESSIONS, since=None, limit=20
+    )
     assert prepared is not None
     if backend.is_sqlite:
         nodes = sqlite_plan(store, *prepared)
@@ -354,7 +361,9 @@ def test_a_limit_stops_each_session_after_limit_entries_sqlite(db_path: Path) ->
         store.store_batch(big + small)
 
         def instructions(uids: list[str]) -> int:
-            prepared = prepare_sessions_query(store._sql, session_uids=uids, since=None, limit=5)
+            prepared = prepare_sessions_query(
+                statements_for(store.engine.dialect.name), session_uids=uids, since=None, limit=5
+            )
             assert prepared is not None
             query = compiled(prepared[0], store.engine.dialect)
             count = [0]

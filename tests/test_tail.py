@@ -141,8 +141,8 @@ def test_remembered_keys_stay_inside_the_window(store: TraceStore) -> None:
     )
     recent = [make_trace(id=f"r{i}", created_at=now - 1 + i * 0.01, session_uids=["s"]) for i in range(5)]
     store.store_batch(recent)
-    follower = SessionTail(store._sql, "s", since=now - 1000, lookback=10, limit=1000)
-    polled = drive(follower.poll(time.time()), store._fetch)
+    follower = SessionTail(statements_for(store.engine.dialect.name), "s", since=now - 1000, lookback=10, limit=1000)
+    polled = drive(follower.poll(time.time()), fetcher(store))
     assert len(polled.traces) == 505 and not polled.more
     assert follower.seen == 5  # only the keys of the last 10 seconds
 
@@ -258,8 +258,8 @@ def test_each_poll_is_an_index_range_read_from_the_cursor(store: TraceStore, bac
     else:  # what autovacuum does to a table that stopped changing: statistics and the visibility map
         with backend.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
             connection.exec_driver_sql("VACUUM ANALYZE")
-    forward = store._sql.session_after(keys_only=False, until=False)
-    window = store._sql.session_after(keys_only=True, until=True)
+    forward = statements_for(store.engine.dialect.name).session_after(keys_only=False, until=False)
+    window = statements_for(store.engine.dialect.name).session_after(keys_only=True, until=True)
     # A poll that finds a dozen new traces.
     params = {"session_uid": "s", "limit": 1000, "after_created_at": now - 60, "after_trace_id": "h108-ü"}
     window_params = params | {"until_created_at": now, "until_trace_id": "h119-ü"}
@@ -355,7 +355,7 @@ class Tail:
         threading.Thread(target=self._read, args=(self.process.stdout, self.out.put), daemon=True).start()
         started: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, args=(self.process.stderr, started.put), daemon=True).start()
-        line = started.get(timeout=WAIT)  # after its first poll: from here on, a stored trace is new
+        line = started.get(timeout=WAIT)  # "now" is fixed before it: from here on, a stored trace is new
         assert line.startswith("following "), line
         self._err = started
 
@@ -437,6 +437,28 @@ def test_tail_since_prints_the_recent_past_first(store: TraceStore, backend: Bac
     assert status == 0 and rest == [] and "Traceback" not in errors, (status, rest, errors)
 
 
+def test_tail_prints_its_banner_before_a_backlog_of_several_polls(store: TraceStore, backend: Backend) -> None:
+    now = time.time()
+    backlog = [make_trace(id=f"b{i:04d}", created_at=now - 300 + i * 0.1, session_uids=["s"]) for i in range(1_500)]
+    store.store_batch(backlog)
+    # One pipe for both streams, in the order they were written (click.echo flushes each line).
+    process = subprocess.Popen(
+        [str(CONSOLE_SCRIPT), "--url", backend.url, "tail", "s", "--since", "10m", "--interval", "0.05"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline().rstrip("\n") for _ in range(1 + len(backlog))]
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=WAIT) == 0
+    finally:
+        process.kill()
+    assert lines[0] == "following s (Ctrl-C to stop)", lines[:3]
+    assert [line.split("  ")[1] for line in lines[1:]] == ids(backlog)  # 1,500: two polls of at most 1,000
+
+
 def test_tail_errors_are_one_line(tmp_path: Path, store: TraceStore, backend: Backend) -> None:
     runner = CliRunner()
     missing = runner.invoke(main, ["--url", f"sqlite:///{tmp_path}/missing.db", "tail", "s"])
@@ -448,3 +470,14 @@ def test_tail_errors_are_one_line(tmp_path: Path, store: TraceStore, backend: Ba
         assert "Traceback" not in bad.output
     empty = runner.invoke(main, ["--url", backend.url, "tail", ""])
     assert empty.exit_code == 2 and "session_uid must not be empty" in empty.stderr, empty.output
+
+
+def fetcher(store: TraceStore) -> Any:
+    """A poll's reads answered on the store's engine with plain SQLAlchemy (no store in between)."""
+
+    def fetch(stmt: Any, params: dict[str, Any]) -> list[Any]:
+        query = compiled(stmt, store.engine.dialect)
+        with store.engine.connect() as connection:
+            return list(connection.exec_driver_sql(query.sql, query.args(params)).all())
+
+    return fetch

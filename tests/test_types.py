@@ -21,6 +21,7 @@ from tracestore import (
     TraceStoreError,
     new_trace_id,
 )
+from tracestore.types import END_OF_YEAR_9999, check_query_time
 
 UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
@@ -75,6 +76,53 @@ def test_timestamp_too_large_for_a_float_is_invalid_trace_error(field_name: str)
     # A finite int beyond float range must be refused like inf, not leak OverflowError.
     with pytest.raises(InvalidTraceError):
         make(**{field_name: 10**400})
+
+
+NOW = 1_796_415_240.0  # 2026-12-04
+
+
+@pytest.mark.parametrize(
+    ("value", "unit"),
+    [
+        (NOW * 1e3, "milliseconds: divide by 1000"),
+        (int(NOW * 1e3), "milliseconds: divide by 1000"),
+        (NOW * 1e6, "microseconds: divide by 1000000"),
+        (int(NOW * 1e9), "nanoseconds: divide by 1000000000"),
+        (END_OF_YEAR_9999, "milliseconds"),  # 10000-01-01 itself: the first instant refused
+        (1e300, "epoch seconds"),
+        (1.7976931348623157e308, "epoch seconds"),
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("field_name", ["created_at", "updated_at"])
+def test_a_timestamp_past_the_year_9999_names_the_unit_mistake(field_name: str, value: float, unit: str) -> None:
+    with pytest.raises(InvalidTraceError, match=f"{field_name} .* is past the year 9999: .*{unit}"):
+        make(**{field_name: value})
+    trace = make()
+    setattr(trace, field_name, value)  # assigned after construction: store() validates again
+    with pytest.raises(InvalidTraceError, match="past the year 9999"):
+        trace.validate()
+
+
+def test_timestamps_from_before_1970_to_the_end_of_9999_are_kept() -> None:
+    last = math.nextafter(END_OF_YEAR_9999, 0)
+    for value in (last, NOW, 0.0, -62135596800.0, -1e300, -1.7976931348623157e308):
+        trace = make(created_at=value, updated_at=value)
+        assert (trace.created_at, trace.updated_at) == (value, value)
+
+
+@pytest.mark.parametrize("name", ["since", "until"])
+def test_check_query_time_refuses_a_bound_past_the_year_9999(name: str) -> None:
+    with pytest.raises(InvalidQueryError, match=f"{name} .* is past the year 9999: it looks like milliseconds"):
+        check_query_time(name, NOW * 1000)
+    with pytest.raises(InvalidQueryError, match="microseconds"):
+        check_query_time(name, int(NOW * 1e6))
+    for bad in (math.nan, math.inf, -math.inf, True, "1700000000", None, 10**400):
+        with pytest.raises(InvalidQueryError, match=name):
+            check_query_time(name, bad)
+    for good, expected in ((NOW, NOW), (int(NOW), NOW), (-1e300, -1e300), (0, 0.0)):
+        checked = check_query_time(name, good)
+        assert checked == expected and type(checked) is float
 
 
 def test_data_is_not_validated_at_construction() -> None:

@@ -340,6 +340,29 @@ def test_schema_below_head_is_reported_and_not_migrated_by_fix(db: Backend) -> N
     assert run("verify", "--url", db.url).exit_code == 0
 
 
+def test_below_head_the_head_only_checks_are_not_checked_rather_than_failed(db: Backend) -> None:
+    downgrade(db.url, "0003")
+    report = verify(db.url)
+    assert [check.name for check in report.problems] == ["schema"]
+    assert [check.name for check in report.not_checked] == ["created_at", "orphans", "index", "trigger"]
+    assert not report.ok and all(not check.ok and check.problem is None for check in report.not_checked)
+
+    result = run("verify", "--url", db.url)
+    assert result.exit_code == 1  # the schema check fails
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("FAIL") for line in lines) == 1 and lines[0].startswith("FAIL  schema")
+    skipped = [line for line in lines if line.startswith("skip")]
+    assert len(skipped) == 4 and all("not checked, needs the schema at head" in line for line in skipped), lines
+    assert lines[-1] == "1 of 3 checks failed, 4 not checked"
+
+
+def test_verify_help_describes_the_index_as_it_is() -> None:
+    """(session_uid, created_at, trace_id) ascending, partial: no "ascending index" to repair."""
+    text = " ".join(run("verify", "--help").output.split())
+    assert "(session_uid, created_at, trace_id, ascending, WHERE created_at IS NOT NULL)" in text
+    assert "ascending index" not in text and "descending" not in text
+
+
 def test_an_invalid_index_elsewhere_is_reported_not_repaired_and_does_not_block_fix(pg_db: Backend) -> None:
     """PostgreSQL's "integrity": an INVALID index other than the session index (a failed REINDEX or
     CREATE INDEX CONCURRENTLY) is the operator's to rebuild; --fix still repairs the links."""

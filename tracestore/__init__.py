@@ -6,6 +6,7 @@ from tracestore.errors import (
     InvalidTraceError,
     MigrationError,
     SchemaOutOfDateError,
+    StorageBusyError,
     StorageError,
     TraceStoreError,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "Page",
     "PageCursor",
     "SchemaOutOfDateError",
+    "StorageBusyError",
     "StorageError",
     "TraceContext",
     "TraceStore",

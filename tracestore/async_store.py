@@ -1,69 +1,45 @@
-"""The asyncio store: the same statements and decoding as TraceStore, on an AsyncEngine.
+"""The asyncio store: runs the plans of tracestore.core on an AsyncEngine, awaiting each request.
 
-Mirrors tracestore.store method for method; tests/test_async_store.py holds the parity test.
+The same operations, checks, statements and decoding as TraceStore (tracestore.core writes them once);
+tests/test_parity.py runs one behaviour suite on both stores.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Generator, Iterable, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tracestore.busy import BUSY_DEADLINE, Attempt, retry_busy_async
+from tracestore.core import MIGRATING, Mode, Plan, Read, StoreCore, Write, driver_calls, session_query
 from tracestore.engine import WRITE, configure_async_engine, create_async_engine, read_options, shown
-from tracestore.errors import StorageError
-from tracestore.migrate import at_head, ensure_head
-from tracestore.queries import (
-    LINK_COLUMNS,
-    TRACE_COLUMNS,
-    DriverSQL,
-    Statements,
-    compiled,
-    explain_statement,
-    statements_for,
-)
+from tracestore.errors import StorageError, storage_error
+from tracestore.migrate import at_head, ensure_head, refuse_missing_database
+from tracestore.queries import compiled, explain_statement, statements_for
 from tracestore.retention import prune as retention
 from tracestore.retention import upkeep as maintenance
-from tracestore.rows import (
-    WriteBatch,
-    check_query_args,
-    check_query_string,
-    check_trace_id,
-    decode_row,
-    decode_rows,
-    page_of,
-    prepare_page,
-    prepare_query,
-    prepare_sessions_query,
-    refuse_nul,
-    storage_error,
-)
-from tracestore.store import _refuse_missing_file
-from tracestore.tail import DEFAULT_LOOKBACK, DEFAULT_POLL_LIMIT, Polled, SessionTail, check_tail_args
-from tracestore.types import Page, PageCursor, TraceContext
+from tracestore.tail import DEFAULT_LOOKBACK, DEFAULT_POLL_LIMIT, SessionTail
+from tracestore.types import Page, PageCursor, Query, TraceContext
 
 plan_log = logging.getLogger("tracestore.plan")
 upkeep_log = logging.getLogger("tracestore.maintenance")
 
 DEFAULT_URL = "sqlite+aiosqlite:///traces.db"
+T = TypeVar("T")
 
 
 class AsyncTraceStore:
     """`async with AsyncTraceStore(url_or_async_engine) as store:` — the TraceStore API, awaited.
 
     The schema check (and upgrade, with `auto_upgrade=True`) runs on first use or in `__aenter__`.
+    The tuning arguments are TraceStore's.
     """
-
-    # Write-path tunables, as on TraceStore.
-    _busy_deadline: float = BUSY_DEADLINE
-    _upkeep: maintenance.Upkeep | None = None
 
     def __init__(
         self,
@@ -71,6 +47,9 @@ class AsyncTraceStore:
         *,
         auto_upgrade: bool = True,
         read_engine: str | AsyncEngine | None = None,
+        retry_deadline: float = BUSY_DEADLINE,
+        wal_checkpoint_bytes: int = maintenance.WAL_CHECKPOINT_BYTES,
+        analyze_every: int = maintenance.STATISTICS_EVERY,
     ) -> None:
         owned = not isinstance(url_or_engine, AsyncEngine)
         engine = (
@@ -84,11 +63,16 @@ class AsyncTraceStore:
         self._reader = engine
         self._reader_owned = False
         if read_engine is not None:
-            self._reader_owned = isinstance(read_engine, str)
-            if isinstance(read_engine, str):
-                self._reader = create_async_engine(read_engine)
-            else:
-                self._reader = configure_async_engine(read_engine)
+            reader = (
+                create_async_engine(read_engine)
+                if isinstance(read_engine, str)
+                else configure_async_engine(read_engine)
+            )
+            if reader.dialect.name != engine.dialect.name:  # the statements are per dialect
+                if isinstance(read_engine, str):
+                    reader.sync_engine.dispose()
+                raise StorageError(f"the read engine is {reader.dialect.name}, the store's is {engine.dialect.name}")
+            self._reader, self._reader_owned = reader, isinstance(read_engine, str)
         # What a failing database call can raise: SQLAlchemy's errors; the driver's own from the raw
         # aiosqlite calls; and asyncpg's socket errors (OSError: refused, no such socket, reset), which
         # SQLAlchemy does not wrap.
@@ -100,7 +84,11 @@ class AsyncTraceStore:
         )
         self._write_engine = engine.execution_options(**{WRITE: True})
         self._read_engine = self._reader.execution_options(**read_options(self._reader.dialect.name))
-        self._sql: Statements = statements_for(engine.dialect.name)
+        self._core = StoreCore(statements_for(engine.dialect.name))
+        self._retry_deadline = retry_deadline
+        self._upkeep = maintenance.Upkeep.for_engine(
+            engine.sync_engine, wal_limit=wal_checkpoint_bytes, statistics_every=analyze_every
+        )
         self._auto_upgrade = auto_upgrade
         self._ready = False
         self._migrating = False
@@ -121,11 +109,7 @@ class AsyncTraceStore:
             if self._ready:
                 return
             try:
-                if self._reader.dialect.name != self._engine.dialect.name:  # the statements are per dialect
-                    raise StorageError(
-                        f"the read engine is {self._reader.dialect.name}, the store's is {self._engine.dialect.name}"
-                    )
-                _refuse_missing_file(self._engine.url, auto_upgrade=self._auto_upgrade)
+                refuse_missing_database(self._engine.url, auto_upgrade=self._auto_upgrade)
                 async with self._engine.connect() as conn:
                     # True while an upgrade is unfinished (see migrate.ensure_head): session queries
                     # then use the legacy join, which does not depend on the backfilled copy.
@@ -141,8 +125,9 @@ class AsyncTraceStore:
             self._ready = True
 
     # -- writes -----------------------------------------------------------------------------------
-    async def store(self, trace: TraceContext) -> None:
-        await self.store_batch((trace,))
+    async def store(self, trace: TraceContext) -> str:
+        """Insert a trace, or update it in place; its id (see TraceStore.store)."""
+        return (await self._run(self._core.store_batch((trace,))))[0]
 
     async def store_batch(self, traces: Iterable[TraceContext]) -> None:
         """Store the traces in one transaction: all of them or none (see TraceStore.store_batch).
@@ -154,62 +139,145 @@ class AsyncTraceStore:
         nothing, and storing the same traces again is safe: their ids are the caller's, so a trace already
         stored is updated in place (its sessions added), not duplicated.
         """
-        batch = WriteBatch(traces)
-        if not batch.traces:
-            return
-        if self._sql.dialect_name == "postgresql":
-            refuse_nul(batch)
-        if not self._ready:
-            await self._open()
-        await retry_busy_async(
-            lambda attempt: self._write_batch(batch, attempt), what="store", deadline=self._busy_deadline
-        )
-        await self._after_write()
-
-    async def _write_batch(self, batch: WriteBatch, attempt: Attempt) -> None:
-        """One try of store_batch's transaction (retry_busy_async runs it again while the database is locked)."""
-        insert, upsert, link = (self._driver_sql(stmt) for stmt in self._sql.write_statements)
-        try:
-            async with self._write_engine.begin() as conn:
-                for setup in self._sql.write_setup:
-                    await conn.exec_driver_sql(self._driver_sql(setup).sql)
-                inserted = await self._write(conn, insert, TRACE_COLUMNS, batch.traces)
-                if inserted != len(batch.traces):  # some ids exist (or the driver cannot tell)
-                    await self._write(conn, upsert, TRACE_COLUMNS, batch.traces)
-                if batch.links:
-                    await self._write(conn, link, LINK_COLUMNS, batch.links)
-                attempt.committing()
-        except self._failures as exc:
-            if attempt.at_commit:
-                raise self._error(
-                    "store failed at COMMIT (not retried; on a lost connection the outcome is unknown)", exc
-                ) from exc
-            raise self._error("store failed, nothing of the batch was written", exc) from exc
+        await self._run(self._core.store_batch(traces))
 
     async def delete(self, trace_id: str) -> bool:
         """Delete the trace and its session links; whether it existed. Cancelled, as store_batch: nothing
         before COMMIT is sent, unknown while it is in flight; deleting again is safe."""
-        query = self._driver_sql(self._sql.delete_trace)
-        args = query.args({"id": check_trace_id(trace_id, self._sql)})
-        if not self._ready:
-            await self._open()
-        deleted = await retry_busy_async(
-            lambda attempt: self._delete(query, args, attempt), what="delete", deadline=self._busy_deadline
+        return await self._run(self._core.delete(trace_id))
+
+    # -- reads ------------------------------------------------------------------------------------
+    async def get(self, trace_id: str) -> TraceContext | None:
+        return await self._run(self._core.get(trace_id))
+
+    async def get_by_session_uid(
+        self, session_uid: str, *, since: float | None = None, limit: int | None = None
+    ) -> list[TraceContext]:
+        """The session's traces with created_at >= since, newest first (see TraceStore.get_by_session_uid)."""
+        return await self._run(self._core.query(session_query(session_uid, since, limit)))
+
+    async def query(
+        self,
+        *,
+        session_uid: str | None = None,
+        namespace: str | None = None,
+        context_type: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int | None = None,
+    ) -> list[TraceContext]:
+        """Traces matching every given filter, newest first (see TraceStore.query)."""
+        return await self._run(self._core.query(Query(session_uid, namespace, context_type, since, until, limit)))
+
+    async def get_by_session_uids(
+        self, session_uids: Sequence[str], *, since: float | None = None, limit: int | None = None
+    ) -> list[TraceContext]:
+        """Traces of any of the sessions with created_at >= since, newest first, each trace once."""
+        return await self._run(self._core.sessions(session_uids, since=since, limit=limit))
+
+    async def page_by_session_uid(
+        self, session_uid: str, *, since: float | None = None, limit: int = 100, cursor: PageCursor | None = None
+    ) -> Page:
+        """One page of the session's traces, newest first; pass `next_cursor` back for the next one."""
+        return await self._run(self._core.page(session_uid, since=since, limit=limit, cursor=cursor))
+
+    async def iter_session(
+        self, session_uid: str, *, since: float | None = None, page_size: int = 1000
+    ) -> AsyncIterator[TraceContext]:
+        """Every trace of the session (created_at >= since), newest first, a page at a time: bounded memory."""
+        cursor: PageCursor | None = None
+        while True:
+            items, cursor = await self.page_by_session_uid(session_uid, since=since, limit=page_size, cursor=cursor)
+            for item in items:
+                yield item
+            if cursor is None:
+                return
+
+    def tail(
+        self,
+        session_uid: str,
+        *,
+        since: float | None = None,
+        poll_interval: float = 1.0,
+        lookback: float = DEFAULT_LOOKBACK,
+        limit_per_poll: int = DEFAULT_POLL_LIMIT,
+    ) -> AsyncIterator[list[TraceContext]]:
+        """Follow the session live: one list per poll of the traces that arrived (see TraceStore.tail)."""
+        follower = self._core.tail(
+            session_uid, since=since, poll_interval=poll_interval, lookback=lookback, limit=limit_per_poll
+        )
+        return self._follow(follower, poll_interval)
+
+    async def _follow(self, follower: SessionTail, poll_interval: float) -> AsyncIterator[list[TraceContext]]:
+        while True:
+            polled = await self._run(self._core.poll(follower))
+            yield polled.traces
+            if not polled.more:
+                await asyncio.sleep(poll_interval)
+
+    async def explain(
+        self, session_uid: str, *, since: float | None = None, limit: int | None = None, **filters: Any
+    ) -> list[str]:
+        """The query plan of query(session_uid=..., ...), one line per plan step."""
+        return await self._run(self._core.explain(session_query(session_uid, since, limit, **filters)))
+
+    # -- running plans ------------------------------------------------------------------------------
+    async def _run(self, plan: Plan[T]) -> T:
+        """Answer each request of a plan (tracestore.core) until it returns; the plan's own checks run before
+        the database is opened."""
+        try:
+            request = next(plan)
+            if not self._ready:
+                await self._open()
+            while True:
+                if isinstance(request, Read):
+                    answer: Any = await self._read(request)
+                elif request is MIGRATING:
+                    answer = self._migrating and await self._still_migrating()
+                else:
+                    answer = await self._write(request)
+                request = plan.send(answer)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    async def _write(self, write: Write) -> Any:
+        """One write transaction, retried while the database is busy, then the writer's upkeep."""
+        result = await retry_busy_async(
+            lambda attempt: self._transaction(write, attempt), what=write.what, deadline=self._retry_deadline
         )
         await self._after_write()
-        return deleted
+        return result
 
-    async def _delete(self, query: DriverSQL, args: Any, attempt: Attempt) -> bool:
-        """One try of delete's transaction; a COMMIT that failed is not retried (its count would be wrong)."""
+    async def _transaction(self, write: Write, attempt: Attempt) -> Any:
+        """One try of a write transaction: its statements in one transaction, then COMMIT."""
         try:
             async with self._write_engine.begin() as conn:
-                deleted = bool((await conn.exec_driver_sql(query.sql, args)).rowcount)
+                result = await self._execute_steps(write.steps(), conn)
                 attempt.committing()
-            return deleted
+            return result
         except self._failures as exc:
-            if attempt.at_commit:
-                raise self._error("delete failed at COMMIT (on a lost connection the outcome is unknown)", exc) from exc
-            raise self._error("delete failed", exc) from exc
+            raise self._error(write.failed_at_commit if attempt.at_commit else write.failed, exc) from exc
+
+    async def _execute_steps(self, steps: Generator[Any, int, T], conn: AsyncConnection) -> T:
+        """Run a write's statements (tracestore.core.Execute) in the connection's transaction; each is sent back
+        the rows it changed."""
+        try:
+            request = next(steps)
+            while True:
+                query = compiled(request.stmt, self._engine.dialect)
+                changed = 0
+                for args, many in driver_calls(query, request):
+                    if many and request.mode is Mode.MANY and self._engine.dialect.driver == "aiosqlite":
+                        # Straight to aiosqlite: two thread round trips per statement instead of
+                        # SQLAlchemy's adapter's three, and no result object.
+                        raw = await conn.get_raw_connection()
+                        async with raw.driver_connection.executemany(query.sql, args) as cursor:  # type: ignore[union-attr]
+                            changed += int(cursor.rowcount)
+                    else:
+                        changed += int((await conn.exec_driver_sql(query.sql, args)).rowcount)
+                request = steps.send(changed)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
 
     async def _after_write(self) -> None:
         """The writer's SQLite upkeep after a committed write (see TraceStore._after_write).
@@ -217,8 +285,7 @@ class AsyncTraceStore:
         A cancellation may cut it short: the write has committed anyway, and an upkeep left undone is
         due again after the next write (see _run_upkeep for the connection it ran on).
         """
-        upkeep = self._upkeep = self._upkeep or maintenance.Upkeep.for_engine(self._engine.sync_engine)
-        job = upkeep.due() if upkeep is not None else None
+        job = self._upkeep.due() if self._upkeep is not None else None
         if job is not None:
             await self._run_upkeep(job)
 
@@ -237,118 +304,24 @@ class AsyncTraceStore:
         except self._failures as exc:
             upkeep_log.warning("SQLite %s failed (the write itself committed): %s", job, exc)
 
-    # -- reads ------------------------------------------------------------------------------------
-    async def get(self, trace_id: str) -> TraceContext | None:
-        params = {"id": check_trace_id(trace_id, self._sql)}
-        rows = await self._fetch(self._sql.get_trace, params)
-        return decode_row(rows[0]) if rows else None
-
-    async def get_by_session_uid(
-        self, session_uid: str, since: float | None = None, limit: int | None = None
-    ) -> list[TraceContext]:
-        check_query_string("session_uid", session_uid)  # None here would mean "every session"
-        return await self.query(session_uid=session_uid, since=since, limit=limit)
-
-    async def query(
-        self,
-        *,
-        session_uid: str | None = None,
-        namespace: str | None = None,
-        context_type: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        limit: int | None = None,
-    ) -> list[TraceContext]:
-        args: dict[str, Any] = {"session_uid": session_uid, "namespace": namespace, "context_type": context_type}
-        args |= {"since": since, "until": until, "limit": limit}
-        check_query_args(**args)  # bad input fails before the database is opened
-        if not self._ready:
-            await self._open()
-        migrating = self._migrating and await self._still_migrating()
-        stmt, params = prepare_query(self._sql, **args, migrating=migrating)
-        return decode_rows(await self._fetch(stmt, params))
-
-    async def get_by_session_uids(
-        self, session_uids: Sequence[str], since: float | None = None, limit: int | None = None
-    ) -> list[TraceContext]:
-        """Traces of any of the sessions with created_at >= since, newest first, each trace once."""
-        args: dict[str, Any] = {"session_uids": session_uids, "since": since, "limit": limit}
-        if prepare_sessions_query(self._sql, **args) is None:  # bad input fails before the database is opened
-            return []
-        if not self._ready:
-            await self._open()
-        migrating = self._migrating and await self._still_migrating()
-        prepared = prepare_sessions_query(self._sql, **args, migrating=migrating)
-        assert prepared is not None
-        return decode_rows(await self._fetch(*prepared))
-
-    async def page_by_session_uid(
-        self, session_uid: str, since: float | None = None, limit: int = 100, cursor: PageCursor | None = None
-    ) -> Page:
-        """One page of the session's traces, newest first; pass `next_cursor` back for the next one."""
-        prepare_page(self._sql, session_uid=session_uid, since=since, limit=limit, cursor=cursor)  # bad input first
-        if not self._ready:
-            await self._open()
-        migrating = self._migrating and await self._still_migrating()
-        stmt, params = prepare_page(
-            self._sql, session_uid=session_uid, since=since, limit=limit, cursor=cursor, migrating=migrating
-        )
-        return page_of(decode_rows(await self._fetch(stmt, params)), limit)
-
-    async def iter_session(
-        self, session_uid: str, since: float | None = None, page_size: int = 1000
-    ) -> AsyncIterator[TraceContext]:
-        """Every trace of the session (created_at >= since), newest first, a page at a time: bounded memory."""
-        cursor: PageCursor | None = None
-        while True:
-            items, cursor = await self.page_by_session_uid(session_uid, since, page_size, cursor)
-            for item in items:
-                yield item
-            if cursor is None:
-                return
-
-    async def tail(
-        self,
-        session_uid: str,
-        *,
-        since: float | None = None,
-        poll_interval: float = 1.0,
-        lookback: float = DEFAULT_LOOKBACK,
-        limit_per_poll: int = DEFAULT_POLL_LIMIT,
-    ) -> AsyncIterator[list[TraceContext]]:
-        """Follow the session live: one list per poll of the traces that arrived (see TraceStore.tail)."""
-        check_tail_args(since=since, poll_interval=poll_interval, lookback=lookback, limit=limit_per_poll)
-        follower = SessionTail(self._sql, session_uid, since=since, lookback=lookback, limit=limit_per_poll)
-        if not self._ready:
-            await self._open()
-        while True:
-            migrating = self._migrating and await self._still_migrating()
-            poll = follower.poll(time.time(), migrating=migrating)
-            try:  # tail.drive, awaited
-                read = next(poll)
-                while True:
-                    read = poll.send(await self._fetch(*read))
-            except StopIteration as stop:
-                polled: Polled = stop.value
-            yield polled.traces
-            if not polled.more:
-                await asyncio.sleep(poll_interval)
-
-    async def explain(
-        self, session_uid: str, since: float | None = None, limit: int | None = None, **filters: Any
-    ) -> list[str]:
-        check_query_string("session_uid", session_uid)
-        if not self._ready:
-            await self._open()
-        migrating = self._migrating and await self._still_migrating()
-        stmt, params = prepare_query(
-            self._sql, session_uid=session_uid, since=since, limit=limit, migrating=migrating, **filters
-        )
+    async def _read(self, read: Read) -> list[Any]:
+        query = compiled(read.stmt, self._reader.dialect)
+        args = query.args(read.params)
         try:
-            async with self._reader.connect() as conn:
-                return await _plan(conn, stmt, params)
+            async with self._read_engine.connect() as conn:
+                if read.explain or plan_log.isEnabledFor(logging.DEBUG):
+                    lines = await _plan(conn, read.stmt, read.params)
+                    if read.explain:
+                        return lines
+                    plan_log.debug("plan:\n  %s", "\n  ".join(str(line[-1]) for line in lines))
+                if self._reader.dialect.driver == "aiosqlite":
+                    # One thread round trip instead of five (cursor, execute, fetchall, close through
+                    # SQLAlchemy's adapter). The price: these reads do not fire SQLAlchemy's cursor events or echo.
+                    raw = await conn.get_raw_connection()
+                    return list(await raw.driver_connection.execute_fetchall(query.sql, args))  # type: ignore[union-attr]
+                return list((await conn.exec_driver_sql(query.sql, args)).all())
         except self._failures as exc:
-            raise self._error("explain failed", exc, self._reader) from exc
+            raise self._error("explain failed" if read.explain else "query failed", exc, self._reader) from exc
 
     async def _still_migrating(self) -> bool:
         """Re-read the revision where reads go; once it reached head, switch to the fast query for good."""
@@ -359,9 +332,6 @@ class AsyncTraceStore:
             raise self._error("cannot read the schema revision", exc, self._reader) from exc
         return self._migrating
 
-    def _driver_sql(self, stmt: Any) -> DriverSQL:
-        return compiled(stmt, self._engine.dialect)
-
     def _error(self, action: str, exc: BaseException, engine: AsyncEngine | None = None) -> StorageError:
         """The StorageError for a failed database call: what failed and the driver's reason. asyncpg's socket
         errors name neither the server nor their kind ('[Errno 2] No such file or directory'), so those do."""
@@ -369,50 +339,6 @@ class AsyncTraceStore:
             url = shown((engine or self._engine).url)
             return StorageError(f"{action}: the connection to {url} failed ({type(exc).__name__}: {exc})")
         return storage_error(action, exc)
-
-    async def _write(
-        self, conn: AsyncConnection, query: DriverSQL, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
-    ) -> int:
-        """Run a write statement over `rows` in the connection's transaction; the driver's count of changed rows.
-
-        One statement per chunk of arrays where the statements take them (Statements.write_arrays),
-        else executemany of one row each.
-        """
-        if not self._sql.write_arrays:
-            return await self._executemany(conn, query.sql, query.args_many(columns, rows))
-        changed = 0
-        for args in query.args_arrays(columns, rows):
-            changed += int((await conn.exec_driver_sql(query.sql, args)).rowcount)
-        return changed
-
-    async def _executemany(self, conn: AsyncConnection, sql: str, rows: list[Any]) -> int:
-        """Run one statement for many rows in the connection's transaction; the driver's count of changed rows."""
-        if self._engine.dialect.driver == "aiosqlite":
-            # Straight to aiosqlite (see _fetch): two thread round trips per statement instead of
-            # SQLAlchemy's adapter's three, and no result object.
-            raw = await conn.get_raw_connection()
-            async with raw.driver_connection.executemany(sql, rows) as cursor:  # type: ignore[union-attr]
-                return int(cursor.rowcount)
-        return int((await conn.exec_driver_sql(sql, rows)).rowcount)
-
-    async def _fetch(self, stmt: Any, params: dict[str, Any]) -> list[Any]:
-        if not self._ready:
-            await self._open()
-        query = compiled(stmt, self._reader.dialect)
-        args = query.args(params)
-        try:
-            async with self._read_engine.connect() as conn:
-                if plan_log.isEnabledFor(logging.DEBUG):
-                    plan_log.debug("plan:\n  %s", "\n  ".join(await _plan(conn, stmt, params)))
-                if self._reader.dialect.driver == "aiosqlite":
-                    # One thread round trip instead of five (cursor, execute, fetchall, close through
-                    # SQLAlchemy's adapter): 3.8x -> 2.0x of raw sqlite3 on a latest-100 read. The price:
-                    # these reads do not fire SQLAlchemy's cursor events or echo.
-                    raw = await conn.get_raw_connection()
-                    return list(await raw.driver_connection.execute_fetchall(query.sql, args))  # type: ignore[union-attr]
-                return list((await conn.exec_driver_sql(query.sql, args)).all())
-        except self._failures as exc:
-            raise self._error("query failed", exc, self._reader) from exc
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def close(self) -> None:
@@ -454,10 +380,10 @@ class AsyncTraceStore:
         request = retention.prune_request(older_than, batch_size=batch_size, vacuum=vacuum, dry_run=dry_run)
         if not self._ready:
             await self._open()
-        return await retention.run_async(self._engine, request, on_progress)
+        return await retention.run_async(self._engine, request, on_progress, retry_deadline=self._retry_deadline)
 
 
-async def _plan(conn: AsyncConnection, stmt: Any, params: dict[str, Any]) -> list[str]:
+async def _plan(conn: AsyncConnection, stmt: Any, params: dict[str, Any]) -> list[Any]:
+    """The planner's rows for a statement (EXPLAIN QUERY PLAN on SQLite, EXPLAIN elsewhere)."""
     sql, driver_params = explain_statement(stmt, params, conn.dialect)
-    rows = (await conn.exec_driver_sql(sql, driver_params)).all()
-    return [str(row[-1]) for row in rows]
+    return list((await conn.exec_driver_sql(sql, driver_params)).all())

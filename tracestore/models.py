@@ -24,14 +24,14 @@ EpochSeconds: TypeEngine[float] = Double().with_variant(REAL(), "sqlite")
 # junction side of the join is a covering index scan. SQLite walks it backwards for "newest first".
 # - Partial (WHERE created_at IS NOT NULL), so the migration can build it online: created while every
 #   copy is still NULL it is empty (one table scan, no sort), and the batched backfill fills it a batch
-#   at a time, instead of one CREATE INDEX holding the write lock for a full sort (31 s measured at
-#   10M traces). Queries say `created_at IS NOT NULL` to use it; a link whose trace is missing (the
-#   only way a copy stays NULL, see schema.COPY_TRIGGERS) is never an answer anyway.
-# - Ascending, not the spec's DESC: links arrive oldest first (the backfill walks rowids, new traces
-#   are the newest), so each session's entries are appended at the end of its key range, and SQLite's
-#   page splits leave the pages behind full. With DESC every insert lands at the front of the range
-#   and the pages left behind stayed a third empty (measured at 1M traces: 33% vs 13% unused, a
-#   159 vs 122 MB index). Backwards and forwards scans read the same pages.
+#   at a time, instead of one CREATE INDEX holding the write lock for a full sort. Queries say
+#   `created_at IS NOT NULL` to use it; a link whose trace is missing (the only way a copy stays
+#   NULL, see migrate.schema.COPY_TRIGGERS) is never an answer anyway.
+# - Ascending, not the original design's DESC: links arrive oldest first (the backfill walks rowids,
+#   new traces are the newest), so each session's entries are appended at the end of its key range,
+#   and SQLite's page splits leave the pages behind full; with DESC every insert lands at the front of
+#   the range and the pages left behind stay partly empty. Backwards and forwards scans read the same
+#   pages. (docs/design.md and docs/performance.md have the figures.)
 SESSION_TIME_INDEX = "idx_trace_sessions_uid_time"
 SESSION_TIME_INDEX_WHERE = "created_at IS NOT NULL"
 # (column, descending) in index order; the migration and the schema check use the same definition.

@@ -1,52 +1,33 @@
-"""The synchronous store: executes the statements of tracestore.queries on a SQLAlchemy Engine."""
+"""The synchronous store: runs the plans of tracestore.core on a SQLAlchemy Engine, blocking."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import URL, Connection, Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from tracestore.busy import BUSY_DEADLINE, Attempt, retry_busy
-from tracestore.engine import WRITE, configure_engine, create_engine, missing_sqlite_file, read_options
-from tracestore.errors import SchemaOutOfDateError, StorageError
-from tracestore.migrate import at_head, ensure_head
-from tracestore.queries import (
-    LINK_COLUMNS,
-    TRACE_COLUMNS,
-    DriverSQL,
-    Statements,
-    compiled,
-    explain_statement,
-    statements_for,
-)
+from tracestore.core import MIGRATING, Plan, Read, StoreCore, Write, driver_calls, session_query
+from tracestore.engine import WRITE, configure_engine, create_engine, read_options
+from tracestore.errors import StorageError, storage_error
+from tracestore.migrate import at_head, ensure_head, refuse_missing_database
+from tracestore.queries import compiled, explain_statement, statements_for
 from tracestore.retention import prune as retention
 from tracestore.retention import upkeep as maintenance
-from tracestore.rows import (
-    WriteBatch,
-    check_query_string,
-    check_trace_id,
-    decode_row,
-    decode_rows,
-    page_of,
-    prepare_page,
-    prepare_query,
-    prepare_sessions_query,
-    refuse_nul,
-    storage_error,
-)
-from tracestore.tail import DEFAULT_LOOKBACK, DEFAULT_POLL_LIMIT, SessionTail, check_tail_args, drive
-from tracestore.types import Page, PageCursor, TraceContext
+from tracestore.tail import DEFAULT_LOOKBACK, DEFAULT_POLL_LIMIT
+from tracestore.types import Page, PageCursor, Query, TraceContext
 
 plan_log = logging.getLogger("tracestore.plan")
 upkeep_log = logging.getLogger("tracestore.maintenance")
 
 DEFAULT_URL = "sqlite:///traces.db"
+T = TypeVar("T")
 
 
 class TraceStore:
@@ -57,12 +38,12 @@ class TraceStore:
     upgraded on open (`auto_upgrade=True`, the embedded default) or refused with SchemaOutOfDateError.
     `read_engine` (URL or Engine, same rules): reads go there, e.g. to a streaming replica; they see
     what it has replayed, so a write is not promised to be visible to the next read.
-    """
 
-    # Write-path tunables (class attributes, so the constructor's signature stays as it is): how long a
-    # write retries while other writers hold the lock, and the SQLite upkeep the writer does (maintenance).
-    _busy_deadline: float = BUSY_DEADLINE
-    _upkeep: maintenance.Upkeep | None = None
+    Write tuning: `retry_deadline` (seconds a write keeps retrying while other writers hold the
+    database, then StorageBusyError); on SQLite, the writer's upkeep: a TRUNCATE checkpoint once the
+    WAL passes `wal_checkpoint_bytes`, and a bounded ANALYZE every `analyze_every` writes when the
+    statistics are stale (0 turns either off).
+    """
 
     def __init__(
         self,
@@ -70,6 +51,9 @@ class TraceStore:
         *,
         auto_upgrade: bool = True,
         read_engine: str | Engine | None = None,
+        retry_deadline: float = BUSY_DEADLINE,
+        wal_checkpoint_bytes: int = maintenance.WAL_CHECKPOINT_BYTES,
+        analyze_every: int = maintenance.STATISTICS_EVERY,
     ) -> None:
         owned = not isinstance(url_or_engine, Engine)
         engine = create_engine(url_or_engine) if isinstance(url_or_engine, str) else configure_engine(url_or_engine)
@@ -83,13 +67,17 @@ class TraceStore:
         # failing; reads are single statements, each its own snapshot (see engine._on_begin).
         self._write_engine = engine.execution_options(**{WRITE: True})
         self._read_engine = engine.execution_options(**read_options(engine.dialect.name))
-        self._sql: Statements = statements_for(engine.dialect.name)
+        self._core = StoreCore(statements_for(engine.dialect.name))
+        self._retry_deadline = retry_deadline
+        self._upkeep = maintenance.Upkeep.for_engine(
+            engine, wal_limit=wal_checkpoint_bytes, statistics_every=analyze_every
+        )
         self._migrating = False
         try:
             if read_engine is not None:
                 self._reader, self._reader_owned = _read_engine(read_engine, engine)
                 self._read_engine = self._reader.execution_options(**read_options(self._reader.dialect.name))
-            _refuse_missing_file(engine.url, auto_upgrade=auto_upgrade)
+            refuse_missing_database(engine.url, auto_upgrade=auto_upgrade)
             # True while an upgrade is unfinished (see migrate.ensure_head): session queries then
             # use the legacy join, which does not depend on the backfilled copy.
             self._migrating = ensure_head(engine, auto_upgrade=auto_upgrade)
@@ -114,101 +102,27 @@ class TraceStore:
         return self._reader
 
     # -- writes -----------------------------------------------------------------------------------
-    def store(self, trace: TraceContext) -> None:
-        """Insert a trace, or update it in place (its existing session links are kept and re-stamped)."""
-        self.store_batch((trace,))
+    def store(self, trace: TraceContext) -> str:
+        """Insert a trace, or update it in place (its existing session links are kept and re-stamped); its id."""
+        return self._run(self._core.store_batch((trace,)))[0]
 
     def store_batch(self, traces: Iterable[TraceContext]) -> None:
         """Store many traces in one transaction: all of them or, on any error, none."""
-        batch = WriteBatch(traces)
-        if not batch.traces:
-            return
-        if self._sql.dialect_name == "postgresql":
-            refuse_nul(batch)
-        retry_busy(lambda attempt: self._write_batch(batch, attempt), what="store", deadline=self._busy_deadline)
-        self._after_write()
-
-    def _write_batch(self, batch: WriteBatch, attempt: Attempt) -> None:
-        """One try of store_batch's transaction (retry_busy runs it again while the database is locked)."""
-        insert, upsert, link = (self._driver_sql(stmt) for stmt in self._sql.write_statements)
-        try:
-            with self._write_engine.begin() as conn:
-                # Straight to the pooled DBAPI connection, inside SQLAlchemy's transaction (like _fetch):
-                # exec_driver_sql's result and event machinery cost ~10% of a 500-trace batch.
-                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-                try:
-                    for setup in self._sql.write_setup:
-                        cursor.execute(self._driver_sql(setup).sql)
-                    if not self._sql.write_arrays:
-                        cursor.executemany(insert.sql, insert.args_many(TRACE_COLUMNS, batch.traces))
-                        if cursor.rowcount != len(batch.traces):  # some ids exist (or the driver cannot tell)
-                            cursor.executemany(upsert.sql, upsert.args_many(TRACE_COLUMNS, batch.traces))
-                        if batch.links:
-                            cursor.executemany(link.sql, link.args_many(LINK_COLUMNS, batch.links))
-                    else:  # one statement per table (and chunk), each row's values an array element
-                        if _execute_arrays(cursor, insert, TRACE_COLUMNS, batch.traces) != len(batch.traces):
-                            _execute_arrays(cursor, upsert, TRACE_COLUMNS, batch.traces)
-                        if batch.links:
-                            _execute_arrays(cursor, link, LINK_COLUMNS, batch.links)
-                finally:
-                    cursor.close()
-                attempt.committing()
-        except (SQLAlchemyError, self._engine.dialect.loaded_dbapi.Error) as exc:
-            if attempt.at_commit:
-                raise storage_error(
-                    "store failed at COMMIT (not retried; on a lost connection the outcome is unknown)", exc
-                ) from exc
-            raise storage_error("store failed, nothing of the batch was written", exc) from exc
+        self._run(self._core.store_batch(traces))
 
     def delete(self, trace_id: str) -> bool:
         """Delete a trace and its session links; False if there was no such trace."""
-        query = self._driver_sql(self._sql.delete_trace)
-        args = query.args({"id": check_trace_id(trace_id, self._sql)})
-        deleted = retry_busy(
-            lambda attempt: self._delete(query, args, attempt), what="delete", deadline=self._busy_deadline
-        )
-        self._after_write()
-        return deleted
-
-    def _delete(self, query: DriverSQL, args: Any, attempt: Attempt) -> bool:
-        """One try of delete's transaction; a COMMIT that failed is not retried (its count would be wrong)."""
-        try:
-            with self._write_engine.begin() as conn:
-                deleted = bool(conn.exec_driver_sql(query.sql, args).rowcount)
-                attempt.committing()
-            return deleted
-        except SQLAlchemyError as exc:
-            raise storage_error("delete failed", exc) from exc
-
-    def _after_write(self) -> None:
-        """The writer's SQLite upkeep after a committed write: a WAL checkpoint or fresh statistics when due."""
-        upkeep = self._upkeep = self._upkeep or maintenance.Upkeep.for_engine(self._engine)
-        job = upkeep.due() if upkeep is not None else None
-        if job is not None:
-            self._run_upkeep(job)
-
-    def _run_upkeep(self, job: maintenance.Job) -> None:
-        """Run an upkeep job on a pooled connection; a failure is logged (the write committed; the job is due
-        again after the next one)."""
-        assert self._upkeep is not None
-        try:
-            with self._engine.connect() as conn:
-                self._upkeep.run(conn, job)
-        except SQLAlchemyError as exc:
-            upkeep_log.warning("SQLite %s failed (the write itself committed): %s", job, exc)
+        return self._run(self._core.delete(trace_id))
 
     # -- reads ------------------------------------------------------------------------------------
     def get(self, trace_id: str) -> TraceContext | None:
-        params = {"id": check_trace_id(trace_id, self._sql)}
-        row = self._fetch(self._sql.get_trace, params)
-        return decode_row(row[0]) if row else None
+        return self._run(self._core.get(trace_id))
 
     def get_by_session_uid(
-        self, session_uid: str, since: float | None = None, limit: int | None = None
+        self, session_uid: str, *, since: float | None = None, limit: int | None = None
     ) -> list[TraceContext]:
         """The session's traces with created_at >= since, newest first (ties: id descending)."""
-        check_query_string("session_uid", session_uid)  # None here would mean "every session"
-        return self.query(session_uid=session_uid, since=since, limit=limit)
+        return self._run(self._core.query(session_query(session_uid, since, limit)))
 
     def query(
         self,
@@ -221,60 +135,36 @@ class TraceStore:
         limit: int | None = None,
     ) -> list[TraceContext]:
         """Traces matching every given filter, newest first; `since` inclusive, `until` exclusive."""
-        stmt, params = prepare_query(
-            self._sql,
-            session_uid=session_uid,
-            namespace=namespace,
-            context_type=context_type,
-            since=since,
-            until=until,
-            limit=limit,
-            migrating=self._migrating and self._still_migrating(),
-        )
-        return decode_rows(self._fetch(stmt, params))
+        filters = Query(session_uid, namespace, context_type, since, until, limit)
+        return self._run(self._core.query(filters))
 
     def get_by_session_uids(
-        self, session_uids: Sequence[str], since: float | None = None, limit: int | None = None
+        self, session_uids: Sequence[str], *, since: float | None = None, limit: int | None = None
     ) -> list[TraceContext]:
         """Traces of any of the sessions with created_at >= since, newest first, each trace once.
 
         Each session is read through the composite index (at most `limit` entries each) and the
         candidates merged: the cost grows with sessions x limit, not with the sessions' sizes.
         """
-        prepared = prepare_sessions_query(
-            self._sql,
-            session_uids=session_uids,
-            since=since,
-            limit=limit,
-            migrating=self._migrating and self._still_migrating(),
-        )
-        return decode_rows(self._fetch(*prepared)) if prepared is not None else []
+        return self._run(self._core.sessions(session_uids, since=since, limit=limit))
 
     def page_by_session_uid(
-        self, session_uid: str, since: float | None = None, limit: int = 100, cursor: PageCursor | None = None
+        self, session_uid: str, *, since: float | None = None, limit: int = 100, cursor: PageCursor | None = None
     ) -> Page:
         """One page of the session's traces, newest first; pass `next_cursor` back for the next one.
 
         Keyset pagination on (created_at, id): every page costs one index range read of `limit`
         entries, and traces stored between two calls are neither skipped nor repeated.
         """
-        stmt, params = prepare_page(
-            self._sql,
-            session_uid=session_uid,
-            since=since,
-            limit=limit,
-            cursor=cursor,
-            migrating=self._migrating and self._still_migrating(),
-        )
-        return page_of(decode_rows(self._fetch(stmt, params)), limit)
+        return self._run(self._core.page(session_uid, since=since, limit=limit, cursor=cursor))
 
     def iter_session(
-        self, session_uid: str, since: float | None = None, page_size: int = 1000
+        self, session_uid: str, *, since: float | None = None, page_size: int = 1000
     ) -> Iterator[TraceContext]:
         """Every trace of the session (created_at >= since), newest first, a page at a time: bounded memory."""
         cursor: PageCursor | None = None
         while True:
-            items, cursor = self.page_by_session_uid(session_uid, since, page_size, cursor)
+            items, cursor = self.page_by_session_uid(session_uid, since=since, limit=page_size, cursor=cursor)
             yield from items
             if cursor is None:
                 return
@@ -295,29 +185,99 @@ class TraceStore:
         is an ascending index range read from the last trace yielded, plus an index-only re-read of
         the last `lookback` seconds for traces stored late; tracestore.tail states the guarantee.
         """
-        check_tail_args(since=since, poll_interval=poll_interval, lookback=lookback, limit=limit_per_poll)
-        follower = SessionTail(self._sql, session_uid, since=since, lookback=lookback, limit=limit_per_poll)
+        follower = self._core.tail(
+            session_uid, since=since, poll_interval=poll_interval, lookback=lookback, limit=limit_per_poll
+        )
+        return self._follow(follower, poll_interval)
+
+    def _follow(self, follower: Any, poll_interval: float) -> Iterator[list[TraceContext]]:
         while True:
-            migrating = self._migrating and self._still_migrating()
-            polled = drive(follower.poll(time.time(), migrating=migrating), self._fetch)
+            polled = self._run(self._core.poll(follower))
             yield polled.traces
             if not polled.more:
                 time.sleep(poll_interval)
 
     def explain(
-        self, session_uid: str, since: float | None = None, limit: int | None = None, **filters: Any
+        self, session_uid: str, *, since: float | None = None, limit: int | None = None, **filters: Any
     ) -> list[str]:
         """The query plan of query(session_uid=..., ...), one line per plan step."""
-        check_query_string("session_uid", session_uid)
-        migrating = self._migrating and self._still_migrating()
-        stmt, params = prepare_query(
-            self._sql, session_uid=session_uid, since=since, limit=limit, migrating=migrating, **filters
-        )
+        return self._run(self._core.explain(session_query(session_uid, since, limit, **filters)))
+
+    # -- running plans ------------------------------------------------------------------------------
+    def _run(self, plan: Plan[T]) -> T:
+        """Answer each request of a plan (tracestore.core) until it returns."""
         try:
-            with self._reader.connect() as conn:
-                return _plan(conn, stmt, params)
+            request = next(plan)
+            while True:
+                if isinstance(request, Read):
+                    answer: Any = self._read(request)
+                elif request is MIGRATING:
+                    answer = self._migrating and self._still_migrating()
+                else:
+                    answer = self._write(request)
+                request = plan.send(answer)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    def _write(self, write: Write) -> Any:
+        """One write transaction, retried while the database is busy, then the writer's upkeep."""
+        result = retry_busy(
+            lambda attempt: self._transaction(write, attempt), what=write.what, deadline=self._retry_deadline
+        )
+        self._after_write()
+        return result
+
+    def _transaction(self, write: Write, attempt: Attempt) -> Any:
+        """One try of a write transaction: its statements on the pooled DBAPI cursor, then COMMIT."""
+        try:
+            with self._write_engine.begin() as conn:
+                # Straight to the pooled DBAPI connection, inside SQLAlchemy's transaction: the result
+                # and event machinery of exec_driver_sql cost more than a small batch's inserts.
+                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    result = _execute_steps(write.steps(), cursor, self._engine)
+                finally:
+                    cursor.close()
+                attempt.committing()
+            return result
+        except (SQLAlchemyError, self._engine.dialect.loaded_dbapi.Error) as exc:
+            raise storage_error(write.failed_at_commit if attempt.at_commit else write.failed, exc) from exc
+
+    def _after_write(self) -> None:
+        """The writer's SQLite upkeep after a committed write: a WAL checkpoint or fresh statistics when due."""
+        job = self._upkeep.due() if self._upkeep is not None else None
+        if job is not None:
+            self._run_upkeep(job)
+
+    def _run_upkeep(self, job: maintenance.Job) -> None:
+        """Run an upkeep job on a pooled connection; a failure is logged (the write committed; the job is due
+        again after the next one)."""
+        assert self._upkeep is not None
+        try:
+            with self._engine.connect() as conn:
+                self._upkeep.run(conn, job)
         except SQLAlchemyError as exc:
-            raise storage_error("explain failed", exc) from exc
+            upkeep_log.warning("SQLite %s failed (the write itself committed): %s", job, exc)
+
+    def _read(self, read: Read) -> list[Any]:
+        query = compiled(read.stmt, self._reader.dialect)
+        try:
+            with self._read_engine.connect() as conn:
+                if read.explain or plan_log.isEnabledFor(logging.DEBUG):
+                    lines = _plan(conn, read.stmt, read.params)
+                    if read.explain:
+                        return lines
+                    plan_log.debug("plan:\n  %s", "\n  ".join(str(line[-1]) for line in lines))
+                # Straight to the pooled DBAPI connection: SQLAlchemy's CursorResult and Row objects
+                # cost more than the decoding of a big read. The price: no cursor events or echo for reads.
+                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    cursor.execute(query.sql, query.args(read.params))
+                    return list(cursor.fetchall())
+                finally:
+                    cursor.close()
+        except (SQLAlchemyError, self._reader.dialect.loaded_dbapi.Error) as exc:
+            raise storage_error("explain failed" if read.explain else "query failed", exc) from exc
 
     def _still_migrating(self) -> bool:
         """Re-read the revision where reads go; once it reached head, switch to the fast query for good."""
@@ -327,26 +287,6 @@ class TraceStore:
         except SQLAlchemyError as exc:
             raise storage_error("cannot read the schema revision", exc) from exc
         return self._migrating
-
-    def _driver_sql(self, stmt: Any) -> DriverSQL:
-        return compiled(stmt, self._engine.dialect)
-
-    def _fetch(self, stmt: Any, params: dict[str, Any]) -> list[Any]:
-        query = compiled(stmt, self._reader.dialect)
-        try:
-            with self._read_engine.connect() as conn:
-                if plan_log.isEnabledFor(logging.DEBUG):
-                    plan_log.debug("plan:\n  %s", "\n  ".join(_plan(conn, stmt, params)))
-                # Straight to the pooled DBAPI connection: SQLAlchemy's CursorResult and Row objects
-                # cost 7% of a 1,000-row window read. The price: no cursor events or echo for reads.
-                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-                try:
-                    cursor.execute(query.sql, query.args(params))
-                    return list(cursor.fetchall())
-                finally:
-                    cursor.close()
-        except (SQLAlchemyError, self._reader.dialect.loaded_dbapi.Error) as exc:
-            raise storage_error("query failed", exc) from exc
 
     # -- lifecycle --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -389,14 +329,7 @@ class TraceStore:
         `dry_run`: count what would go, change nothing. tracestore.retention has the details.
         """
         request = retention.prune_request(older_than, batch_size=batch_size, vacuum=vacuum, dry_run=dry_run)
-        return retention.run(self._engine, request, on_progress)
-
-
-def _refuse_missing_file(url: URL, *, auto_upgrade: bool) -> None:
-    """Without auto_upgrade there is nothing to create: do not leave an empty file behind when refusing."""
-    path = missing_sqlite_file(url)
-    if path is not None and not auto_upgrade:
-        raise SchemaOutOfDateError(f"no database at {path}: run `tracestore upgrade --url {url}` to create one")
+        return retention.run(self._engine, request, on_progress, retry_deadline=self._retry_deadline)
 
 
 def _read_engine(read_engine: str | Engine, engine: Engine) -> tuple[Engine, bool]:
@@ -409,16 +342,22 @@ def _read_engine(read_engine: str | Engine, engine: Engine) -> tuple[Engine, boo
     return reader, isinstance(read_engine, str)
 
 
-def _execute_arrays(cursor: Any, query: DriverSQL, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> int:
-    """Run a statement of one array per column (Statements.write_arrays) over `rows`; the rows it changed."""
-    changed = 0
-    for args in query.args_arrays(columns, rows):
-        cursor.execute(query.sql, args)
-        changed += cursor.rowcount
-    return changed
+def _execute_steps(steps: Generator[Any, int, T], cursor: Any, engine: Engine) -> T:
+    """Run a write's statements (tracestore.core.Execute) on a DBAPI cursor; each is sent back its row count."""
+    try:
+        request = next(steps)
+        while True:
+            query = compiled(request.stmt, engine.dialect)
+            changed = 0
+            for args, many in driver_calls(query, request):
+                (cursor.executemany if many else cursor.execute)(query.sql, args)
+                changed += cursor.rowcount
+            request = steps.send(changed)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
 
 
-def _plan(conn: Connection, stmt: Any, params: dict[str, Any]) -> list[str]:
+def _plan(conn: Connection, stmt: Any, params: dict[str, Any]) -> list[Any]:
+    """The planner's rows for a statement (EXPLAIN QUERY PLAN on SQLite, EXPLAIN elsewhere)."""
     sql, driver_params = explain_statement(stmt, params, conn.dialect)
-    rows = conn.exec_driver_sql(sql, driver_params).all()
-    return [str(row[-1]) for row in rows]
+    return list(conn.exec_driver_sql(sql, driver_params).all())

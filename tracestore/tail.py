@@ -1,8 +1,8 @@
 """Live tail of one session: the reads each poll runs and the traces it yields (no I/O: both stores drive it).
 
-A poll is a generator (`SessionTail.poll`) that yields (statement, parameters) reads and is sent each
-read's rows; the sync store answers it with `drive`, the async store with the same loop, awaited. So
-both stores run the same reads in the same order, and the logic is tested once.
+A poll is a generator (`SessionTail.poll`) that yields reads (tracestore.core.Read) and is sent each
+read's rows; both stores run it like every other plan of tracestore.core, so they run the same reads in
+the same order, and the logic is tested once.
 
 What "new" means. The tail keeps a cursor, the sort key (created_at, id) of the newest trace it has
 printed, and each poll reads the session's traces strictly after it, oldest first: an ascending range
@@ -35,18 +35,16 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select
-
+from tracestore.core import Read
 from tracestore.errors import InvalidQueryError
 from tracestore.queries import Statements
-from tracestore.rows import check_query_args, check_query_string, decode_rows
-from tracestore.types import TraceContext
+from tracestore.rows import decode_rows
+from tracestore.types import TraceContext, check_limit, check_query_bound, check_query_string
 
 DEFAULT_LOOKBACK = 5.0
 DEFAULT_POLL_LIMIT = 1000
 
 Key = tuple[float, str]
-Read = tuple[Select[Any], dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +61,9 @@ Poll = Generator[Read, list[Any], Polled]
 
 def check_tail_args(*, since: float | None, poll_interval: float, lookback: float, limit: int) -> None:
     """Refuse tail arguments that would silently misbehave (InvalidQueryError)."""
-    check_query_args(session_uid=None, namespace=None, context_type=None, since=since, until=None, limit=limit)
+    if since is not None:
+        check_query_bound("since", since)
+    check_limit(limit)
     for name, value in (("poll_interval", poll_interval), ("lookback", lookback)):
         if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value >= 0):
             raise InvalidQueryError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
@@ -105,7 +105,7 @@ class SessionTail:
             missing = [key for key in (yield from self._window_keys(migrating)) if key not in self._seen]
             if missing:  # one read, all ids as one parameter: the same statement whatever their number
                 ids = {"ids": self._sql.list_argument(dict.fromkeys(trace_id for _, trace_id in missing))}
-                for trace in decode_rows((yield self._sql.traces_by_id, ids)):
+                for trace in decode_rows((yield Read(self._sql.traces_by_id, ids))):
                     key = (trace.created_at, trace.id)
                     if key not in self._seen:  # re-stored since its key was read: already shown, or shown below
                         self._seen.add(key)
@@ -113,7 +113,7 @@ class SessionTail:
         created_at, trace_id = self._cursor
         params: dict[str, Any] = {"session_uid": self._session_uid, "limit": self._limit}
         params |= {"after_created_at": created_at, "after_trace_id": trace_id}
-        rows = yield self._sql.session_after(keys_only=False, until=False, migrating=migrating), params
+        rows = yield Read(self._sql.session_after(keys_only=False, until=False, migrating=migrating), params)
         new = []
         for trace in decode_rows(rows):
             key = (trace.created_at, trace.id)
@@ -140,7 +140,7 @@ class SessionTail:
             params: dict[str, Any] = {"session_uid": self._session_uid, "limit": self._limit}
             params |= {"after_created_at": after[0], "after_trace_id": after[1]}
             params |= {"until_created_at": self._cursor[0], "until_trace_id": self._cursor[1]}
-            page = [(float(created_at), trace_id) for created_at, trace_id in (yield stmt, params)]
+            page = [(float(created_at), trace_id) for created_at, trace_id in (yield Read(stmt, params))]
             keys += page
             if len(page) < self._limit:
                 return keys
@@ -148,10 +148,10 @@ class SessionTail:
 
 
 def drive(poll: Poll, fetch: Callable[[Any, dict[str, Any]], list[Any]]) -> Polled:
-    """Run a poll with a synchronous `fetch(statement, params) -> rows` (the async store has its own loop)."""
+    """Run a poll with a synchronous `fetch(statement, params) -> rows` (tests drive polls without a store)."""
     try:
         read = next(poll)
         while True:
-            read = poll.send(fetch(*read))
+            read = poll.send(fetch(read.stmt, read.params))
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]

@@ -6,7 +6,7 @@ import base64
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,9 +34,33 @@ def new_trace_id(created_at: float | None = None, *, random_bytes: Callable[[int
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+# 10000-01-01T00:00:00Z in epoch seconds: every time tracestore takes is before it.
+END_OF_YEAR_9999 = 253402300800.0
+# Units that epoch times are often written in by mistake, and how many of them make a second.
+_SUBSECOND_UNITS = ((1e3, "milliseconds"), (1e6, "microseconds"), (1e9, "nanoseconds"))
+
+
+def unit_mistake(value: float) -> str:
+    """What an epoch time past the year 9999 most likely is, e.g. "it looks like milliseconds: divide by 1000".
+
+    The smallest unit that brings it back before the year 10000 wins: a time.time() * 1000 is milliseconds,
+    not microseconds of 1970.
+    """
+    for per_second, unit in _SUBSECOND_UNITS:
+        if 0 <= value / per_second < END_OF_YEAR_9999:
+            return f"it looks like {unit}: divide by {per_second:.0f}"
+    return "tracestore takes epoch seconds, like time.time()"
+
+
 def check_timestamp(name: str, value: object) -> float:
-    """Epoch seconds as a finite float; bools, strings, NaN and infinities are refused."""
-    if type(value) is float and math.isfinite(value):  # the usual case, decided in one step
+    """Epoch seconds as a finite float before the year 10000; bools, strings, NaN and infinities are refused.
+
+    Past the year 9999 is refused as a unit mistake (milliseconds, microseconds or nanoseconds since the
+    epoch): such a trace would sort first in its session for ever, and no prune could reach it. Any time
+    before that is kept, negative ones (before 1970) included: a trace dated too far in the past sorts last
+    and the next prune removes it.
+    """
+    if type(value) is float and -math.inf < value < END_OF_YEAR_9999:  # the usual case, decided in one step
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidTraceError(f"{name} must be a number of epoch seconds, got {type(value).__name__}")
@@ -46,7 +70,23 @@ def check_timestamp(name: str, value: object) -> float:
         raise InvalidTraceError(f"{name} is out of range: {value!r}") from None
     if not math.isfinite(as_float):
         raise InvalidTraceError(f"{name} must be finite, got {value!r}")
+    if as_float >= END_OF_YEAR_9999:
+        raise InvalidTraceError(f"{name} {value!r} is past the year 9999: {unit_mistake(as_float)}")
     return as_float
+
+
+def check_query_time(name: str, value: object) -> float:
+    """A read's `since` or `until` as epoch seconds (a float), refused with InvalidQueryError when it is not.
+
+    Refused rather than warned about: no trace can be stored past the year 9999 (check_timestamp), so a
+    bound there is a unit mistake whose answer would be silently wrong (`since` in milliseconds returns
+    nothing), and a warning is easy to miss or filter. The message names the likely unit. NaN, infinities,
+    bools and non-numbers are refused too; times before 1970 are valid.
+    """
+    try:
+        return check_timestamp(name, value)
+    except InvalidTraceError as exc:
+        raise InvalidQueryError(str(exc)) from None
 
 
 def check_identifier(name: str, value: object) -> str:
@@ -96,15 +136,16 @@ class TraceContext:
     so `store(t)` then `get(t.id) == t` holds exactly. Fields are checked at construction and again
     when stored; `data` and `metadata` are checked as JSON when stored.
 
-    Not frozen on purpose: a frozen dataclass pays an object.__setattr__ call per field, which made
-    decoding 1,000 rows ~4x slower than building them (see README, performance notes).
+    Not frozen on purpose: a frozen dataclass pays an object.__setattr__ call per field, which would
+    dominate decoding a big read (docs/design.md).
     """
 
     context_type: str
     namespace: str
     data: JSONValue
     metadata: dict[str, Any] = field(default_factory=dict)
-    session_uids: tuple[str, ...] = ()
+    # Any iterable of str on the way in (a list is the usual); always a sorted tuple after construction.
+    session_uids: Sequence[str] = ()
     created_at: float = None  # type: ignore[assignment]  # filled in __post_init__
     updated_at: float = None  # type: ignore[assignment]
     id: str = None  # type: ignore[assignment]
@@ -182,3 +223,57 @@ class Page:
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.items, self.next_cursor))
+
+
+# -- what a read asks for ------------------------------------------------------------------------------
+# SQLite binds LIMIT as a signed 64-bit integer.
+MAX_LIMIT = 2**63 - 1
+
+
+def check_query_string(name: str, value: object) -> str:
+    """A non-empty str a driver can bind (lone surrogates cannot be encoded as UTF-8); InvalidQueryError."""
+    try:
+        return check_identifier(name, value)
+    except InvalidTraceError as exc:
+        raise InvalidQueryError(str(exc)) from None
+
+
+def check_query_bound(name: str, value: object) -> float:
+    """`since`/`until` as epoch seconds (check_query_time); InvalidQueryError otherwise."""
+    return check_query_time(name, value)
+
+
+def check_limit(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_LIMIT:
+        raise InvalidQueryError(f"limit must be an int between 1 and {MAX_LIMIT}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """The filters of a read, checked once at construction (InvalidQueryError): every given filter must
+    match; `since` is inclusive and `until` exclusive (epoch seconds); newest first, at most `limit`."""
+
+    session_uid: str | None = None
+    namespace: str | None = None
+    context_type: str | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("session_uid", "namespace", "context_type"):
+            value = getattr(self, name)
+            if value is not None:
+                check_query_string(name, value)
+        for name in ("since", "until"):
+            value = getattr(self, name)
+            if value is not None:
+                check_query_bound(name, value)
+        if self.limit is not None:
+            check_limit(self.limit)
+
+    def params(self) -> dict[str, Any]:
+        """The bind parameters of the filters that are set."""
+        names = ("session_uid", "namespace", "context_type", "since", "until", "limit")
+        return {name: value for name in names if (value := getattr(self, name)) is not None}

@@ -14,8 +14,7 @@ step is written to be run again, so a run killed between them is finished by the
    idx_trace_sessions_uid stays until 0004: readers of the previous release need it.
 3. Create idx_trace_sessions_uid_time, partial (WHERE created_at IS NOT NULL). Created while every
    copy is NULL, it costs one scan of the junction table and no sort; each backfill batch then adds
-   its own rows. A full CREATE INDEX after the backfill held the write lock for the whole sort (31 s
-   at 10M traces).
+   its own rows. A full CREATE INDEX after the backfill would hold the write lock for the whole sort.
 
 On PostgreSQL, step 1 waits for its table locks at most online.LOCK_TIMEOUT_MS per try (queued
 behind a long transaction, it would stall every query of the table), takes them in the order the

@@ -27,7 +27,7 @@ from rich.progress import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-from tracestore.engine import printable, sync_url
+from tracestore.engine import printable, sqlite_url_for, sync_url
 from tracestore.engine import shown as engine_shown
 from tracestore.errors import InvalidQueryError, InvalidTraceError, RevisionError, TraceStoreError
 from tracestore.store import DEFAULT_URL
@@ -138,7 +138,9 @@ def database_url(settings: Settings, command_url: str | None) -> str:
     try:
         converted = sync_url(url)
     except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
-        raise click.BadParameter(f"not a database URL: {printable(repr(url))}", param_hint="'--url'") from exc
+        suggestion = sqlite_url_for(url)
+        hint = f" looks like a file path: for a SQLite file use {printable(suggestion)}" if suggestion else ""
+        raise click.BadParameter(f"not a database URL: {printable(repr(url))}{hint}", param_hint="'--url'") from exc
     try:
         make_url(converted).get_dialect()
     except NoSuchModuleError as exc:  # checked here so that the message never shows the password

@@ -25,10 +25,11 @@ from tracestore.cli.app import (
     stdout,
     url_option,
 )
-from tracestore.engine import create_engine
+from tracestore.engine import create_engine, why_not_a_database
 from tracestore.store import TraceStore
 from tracestore.testing.bulk import SCHEMAS
 from tracestore.testing.bulk import generate as bulk_generate
+from tracestore.testing.values import synthetic_traces
 
 
 class Count(click.ParamType):  # type: ignore[type-arg,unused-ignore]  # generic from click 8.4
@@ -45,7 +46,7 @@ class Count(click.ParamType):  # type: ignore[type-arg,unused-ignore]  # generic
         return int(float(match[1]) * {"": 1, "k": 1_000, "m": 1_000_000}[match[2]])
 
 
-@main.command()
+@main.command(short_help="Write a SQLite file of synthetic traces, fast.")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--traces", "n_traces", type=Count(), required=True, help="How many traces: 20000, 100k, 10m.")
 @click.option(
@@ -130,7 +131,7 @@ DEMO_HISTORY_SECONDS = 7 * 86400.0
 DEMO_QUERY_RUNS = 5
 
 
-@main.command()
+@main.command(short_help="Build a demo database, time the recent query, show its plan.")
 @url_option
 @click.option(
     "--traces",
@@ -161,12 +162,7 @@ def demo(settings: Settings, command_url: str | None, n_traces: int, n_sessions:
     migrations and filled with --traces traces over --sessions sessions across the last 7 days; one
     of them, the hot session, also has traces in the last 10 minutes. Then `recent` runs for the hot
     session (since 10m): prints the row count, the median time of a few runs and the query plan.
-    Needs factory-boy (`pip install "tracestore[testing]"`).
     """
-    try:
-        from tracestore.testing.factories import make_traces
-    except ImportError as exc:
-        raise click.ClickException(f'demo needs factory-boy: pip install "tracestore[testing]" ({exc})') from exc
     url = database_url(settings, command_url)
     where = demo_database(url, force=force)
     out = stdout()
@@ -182,11 +178,12 @@ def demo(settings: Settings, command_url: str | None, n_traces: int, n_sessions:
             for done in range(0, n_history, DEMO_BATCH):
                 size = min(DEMO_BATCH, n_history - done)
                 store.store_batch(
-                    make_traces(size, session_uids=sessions, since=now - DEMO_HISTORY_SECONDS, until=now - 3600)
+                    synthetic_traces(size, session_uids=sessions, since=now - DEMO_HISTORY_SECONDS, until=now - 3600)
                 )
                 progress(done + size, n_traces)
             # Generated last, so that they are still within 10 minutes when the query runs.
-            store.store_batch(make_traces(n_recent, session_uids=[hot], since=time.time() - 300))
+            recent = time.time()
+            store.store_batch(synthetic_traces(n_recent, session_uids=[hot], since=recent - 300, until=recent))
             progress(n_traces, n_traces)
         out.print(
             f"Stored {n_traces} traces in {n_sessions} sessions in {time.perf_counter() - started:.1f} s; "
@@ -254,6 +251,9 @@ def demo_file(url: str, *, force: bool) -> Path:
         )
     path = Path(parsed.database)
     if path.exists():
+        reason = why_not_a_database(str(path))
+        if reason is not None:  # --force replaces a database, never a directory or another kind of file
+            raise click.ClickException(f"{reason}: use another --url")
         if not force:
             raise click.ClickException(f"{path} already exists: pass --force to replace it, or use another --url")
         for stale in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):

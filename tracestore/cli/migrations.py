@@ -22,7 +22,7 @@ from tracestore.cli.app import (
 from tracestore.migrate.backfill import DEFAULT_BATCH_SIZE
 
 
-@main.command()
+@main.command(short_help="Upgrade the schema to head (or --revision); creates a new file.")
 @url_option
 @click.option("--revision", default="head", show_default=True, help="Target revision: an id such as 0004, or head.")
 @click.option(
@@ -80,7 +80,10 @@ def upgrade(settings: Settings, command_url: str | None, revision: str, batch_si
             out.print(f"  {what} {index[key]:.2f} s")
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
+@main.command(
+    short_help="Downgrade the schema to REVISION (an id, -1 or base).",
+    context_settings={"ignore_unknown_options": True},
+)
 @click.argument("revision")
 @url_option
 @click.option("-y", "--yes", is_flag=True, help="Downgrade to base without asking for confirmation.")
@@ -103,7 +106,7 @@ def downgrade(settings: Settings, revision: str, command_url: str | None, yes: b
     stdout().print(f"Downgraded {escape(shown(url))}: {revision_name(before)} -> {revision_name(after)}")
 
 
-@main.command()
+@main.command(short_help="Show the schema revision; exit code 1 if it is not head.")
 @url_option
 @click.pass_obj
 @click.pass_context
@@ -124,7 +127,7 @@ def current(ctx: click.Context, settings: Settings, command_url: str | None) -> 
     ctx.exit(1)
 
 
-@main.command()
+@main.command(short_help="End a rolling deploy: drop its triggers and orphan links.")
 @url_option
 @click.pass_obj
 def finalize(settings: Settings, command_url: str | None) -> None:

@@ -32,7 +32,7 @@ def open_store(url: str) -> Iterator[TraceStore]:
         yield store
 
 
-@main.command()
+@main.command(short_help="Print a session's traces created within --since, newest first.")
 @click.argument("session_uid")
 @url_option
 @query_options
@@ -108,7 +108,7 @@ def visible(text: str) -> str:
 _HIDDEN = {"Cc", "Cs", "Zl", "Zp"}  # controls, lone surrogates, line and paragraph separators
 
 
-@main.command()
+@main.command(short_help="Print the query plan of `recent` with the same options.")
 @click.argument("session_uid")
 @url_option
 @query_options

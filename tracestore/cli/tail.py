@@ -13,7 +13,7 @@ from tracestore.cli.reads import open_store, trace_json, trace_line
 from tracestore.tail import DEFAULT_POLL_LIMIT
 
 
-@main.command()
+@main.command(short_help="Print a session's traces as they are stored, until Ctrl-C.")
 @click.argument("session_uid")
 @url_option
 @click.option(
@@ -66,17 +66,18 @@ def tail(
     printed on, so it costs the new traces only. The database must be at head (`tracestore upgrade`).
     """
     url = database_url(settings, command_url)
-    since = None if since_seconds is None else time.time() - since_seconds
     try:
         with open_store(url) as store:
+            # "From now on" is fixed before the banner: a trace stored once it shows is new, and the backlog
+            # (--since) is printed under it, however many polls it takes.
+            since = time.time() - (since_seconds or 0.0)
             polls = store.tail(
                 session_uid, since=since, poll_interval=interval, lookback=lookback, limit_per_poll=limit_per_poll
             )
-            for number, traces in enumerate(polls):
+            click.echo(f"following {session_uid} (Ctrl-C to stop)", err=True)
+            for traces in polls:
                 if traces:
                     click.echo("\n".join(trace_json(t) if as_json else trace_line(t) for t in traces))
-                if number == 0:
-                    click.echo(f"following {session_uid} (Ctrl-C to stop)", err=True)
     except KeyboardInterrupt:
         return  # Ctrl-C is how a tail ends: exit 0, no traceback
     except BrokenPipeError:  # `tracestore tail S | head`: the reader left; stop quietly

@@ -16,10 +16,10 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, Engine
+from sqlalchemy import URL, Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from tracestore.engine import create_engine, sync_url
+from tracestore.engine import create_engine, missing_sqlite_file, sync_url
 from tracestore.engine import shown as shown_url
 from tracestore.errors import (
     RevisionError,
@@ -222,6 +222,14 @@ def ensure_head(target: Engine | Connection, *, auto_upgrade: bool) -> bool:
         f"database is at revision {current or 'none (legacy or empty)'}, tracestore needs {head}: "
         f"run `tracestore upgrade --url {shown}` (or `alembic -x url={shown} upgrade head`) first"
     )
+
+
+def refuse_missing_database(url: URL, *, auto_upgrade: bool) -> None:
+    """Without auto_upgrade there is nothing to create: refuse a SQLite file that does not exist before
+    connecting, which would leave an empty file behind."""
+    path = missing_sqlite_file(url)
+    if path is not None and not auto_upgrade:
+        raise SchemaOutOfDateError(f"no database at {path}: run `tracestore upgrade --url {url}` to create one")
 
 
 def _serves_migrating_reads(revision: str | None) -> bool:

@@ -37,8 +37,7 @@ PROGRESS_TABLE = "tracestore_backfill_progress"
 ORPHANS_TABLE = "tracestore_orphan_links"
 TASK = "trace_sessions.created_at"
 # Each batch adds one session-index entry per row, nearly each in its own page, while it holds the
-# write lock. Measured on a 1M-trace file under a concurrent writer (benchmarks/bench_migration.py):
-# the writer's longest wait was 0.6-0.7 s with 20,000 rows per batch and 0.23 s with 10,000.
+# write lock: the size bounds a concurrent writer's longest wait (docs/performance.md).
 DEFAULT_BATCH_SIZE = 10_000
 
 ProgressCallback = Callable[[int, int], None]
@@ -212,11 +211,10 @@ def backfill(
 
 
 # PostgreSQL: batches are ranges of the junction's primary key (trace_id, session_uid), lo < key <= hi.
-# The planner estimates a row-value range badly (278,258 rows for a 10,000-row batch at 1M traces) and
-# then hash-joins the batch against a sequential scan of all of traces: 0.5 s per batch at 1M traces,
-# growing with the table, so the whole backfill grew quadratically. The same range stated on trace_id
-# alone is estimated from its histogram; with it the planner probes traces' primary key per link
-# (20-150 ms per batch). _PG_BATCH_SETTINGS then rules the hash/merge join out whatever the estimate.
+# The planner estimates a row-value range badly and then hash-joins the batch against a scan of all of
+# traces, a cost that grows with the table, so the backfill would grow quadratically. The same range
+# stated on trace_id alone is estimated from its histogram, and _PG_BATCH_SETTINGS rules the hash and
+# merge joins out whatever the estimate: each link is one probe of traces' primary key.
 def _pg_range(t: str) -> str:
     """The batch's key range on table (or alias) `t`."""
     return (

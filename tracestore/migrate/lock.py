@@ -4,8 +4,10 @@ Deploy jobs and stores opened with auto_upgrade can start `upgrade` on the same 
 serializes each write transaction, but not a whole online migration (the backfill commits batch by
 batch), so two runs would interleave and the second would fail stamping a revision the first one
 already stamped. The lock file `<database>-migration.lock` is created next to the database and left
-there (removing it would let a waiter and a newcomer lock two different files). The kernel releases
-the lock when its holder exits, killed or not, so a crashed migration never blocks the next one.
+there (removing it would let a waiter and a newcomer lock two different files). It is empty and
+holds no state: keep it out of version control and backups like the database's -wal and -shm files
+(a `*-migration.lock` line in .gitignore). The kernel releases the lock when its holder exits,
+killed or not, so a crashed migration never blocks the next one.
 
 The database file itself is never opened for this: closing any descriptor of it would drop the
 POSIX locks SQLite holds on it in this process.

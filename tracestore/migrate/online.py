@@ -3,14 +3,14 @@
 SQLite has one write lock and no queue: a writer that finds it taken sleeps in its busy handler and
 polls. The default handler (PRAGMA busy_timeout, Python's `sqlite3.connect(timeout=)`, tracestore's
 engine) polls after 1, 2, 5, 10, 15, 20, 25, 25, 25, 50 and 50 ms, then every 100 ms. A migration that
-commits and begins its next transaction at once wins the lock again while the writer sleeps: measured
-at 10M traces, a writer waited 1.3 s across two back-to-back steps of 0.4 s and 0.9 s. So after each
-transaction the lock is left free for one poll interval of a writer that has waited as long as the
-transaction held it: every writer that queued during the transaction polls once while it is free.
+commits and begins its next transaction at once wins the lock again while the writer sleeps, so a
+writer would wait for the sum of back-to-back steps. So after each transaction the lock is left free
+for one poll interval of a writer that has waited as long as the transaction held it: every writer
+that queued during the transaction polls once while it is free.
 
 Steps that walk a big b-tree under the lock (DROP INDEX, the scan that creates an index) first read it
-without the lock, so the pages come from the OS cache instead of the disk: measured at 10M traces,
-dropping idx_trace_sessions_uid took 0.54 s in one run and 2.62 s in another, with a cold cache.
+without the lock, so the pages come from the OS cache instead of the disk while writers wait.
+(docs/performance.md has the figures behind both.)
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
 from tracestore.busy import BUSY_DEADLINE, BusyRetry, is_busy
+from tracestore.dialects import rules_for
 from tracestore.errors import MigrationError, StorageError, driver_reason, is_disk_full
 
 log = logging.getLogger("tracestore.migrate")
@@ -66,8 +67,8 @@ def write_transaction(connection: Connection, *, checkpoint: bool = False) -> It
     and waiting writers are queued by the server.
     """
     run = connection.exec_driver_sql
-    sqlite = connection.dialect.name == "sqlite"
-    run("BEGIN IMMEDIATE" if sqlite else "BEGIN")
+    rules = rules_for(connection.dialect.name)
+    run(rules.begin_write)
     locked = time.monotonic()
     try:
         yield
@@ -75,7 +76,7 @@ def write_transaction(connection: Connection, *, checkpoint: bool = False) -> It
     except BaseException:
         _roll_back(connection)
         raise
-    if not sqlite:
+    if not rules.one_write_lock:
         return
     held = time.monotonic() - locked
     if checkpoint:
@@ -176,7 +177,7 @@ def read_into_cache(connection: Connection, table: str, index: str | None = None
     nothing: there is no database-wide write lock to keep short, and a cold read under a lock only
     slows the writers that touch the same rows.
     """
-    if connection.dialect.name != "sqlite":
+    if not rules_for(connection.dialect.name).one_write_lock:
         return
     source = f"{table} INDEXED BY {index}" if index else f"{table} NOT INDEXED"
     connection.exec_driver_sql(f"SELECT count(*) FROM {source}").scalar()
@@ -201,7 +202,7 @@ def ddl_step(connection: Connection, step: Callable[[], T], *, what: str, locks:
     SQLite: one write transaction (its writers queue on the database lock, see write_transaction),
     retried while the database stays busy (write_step).
     """
-    if connection.dialect.name == "sqlite":
+    if rules_for(connection.dialect.name).one_write_lock:
         return write_step(connection, step, what=what)
     ordered = sorted(locks, key=lambda lock: APPLICATION_LOCK_ORDER.index(lock[0]))
     deadline = time.monotonic() + LOCK_WAIT_SECONDS

@@ -56,6 +56,8 @@ SCHEMA, CREATED_AT, ORPHANS, INDEX, TRIGGER, INTEGRITY, FOREIGN_KEYS = (
 )
 # The checks that only make sense on a database at head (earlier revisions lack the column or index).
 _NEEDS_HEAD = (CREATED_AT, ORPHANS, INDEX, TRIGGER)
+# Why one of them did not run.
+NOT_AT_HEAD = "needs the schema at head"
 # What fix=True repairs; orphan links are also what foreign_key_check reports.
 REPAIRABLE = frozenset({CREATED_AT, ORPHANS, INDEX, TRIGGER, FOREIGN_KEYS})
 
@@ -66,7 +68,11 @@ _ORPHANED = " FROM trace_sessions ts WHERE NOT EXISTS (SELECT 1 FROM traces t WH
 
 @dataclass(frozen=True)
 class Check:
-    """One check's outcome: `problem` says what is wrong (None when ok), `count` how many rows or objects."""
+    """One check's outcome: `problem` says what is wrong (None when ok), `count` how many rows or objects.
+
+    `checked` is False for a check that could not run (below head the column and index it reads may not
+    exist): then `ok` is False too, since nothing was shown to hold, but it is no problem of its own.
+    """
 
     name: str
     title: str
@@ -74,6 +80,7 @@ class Check:
     problem: str | None = None
     count: int = 0
     details: tuple[str, ...] = ()
+    checked: bool = True
 
 
 @dataclass
@@ -93,7 +100,13 @@ class VerifyReport:
 
     @property
     def problems(self) -> list[Check]:
-        return [check for check in self.checks if not check.ok]
+        """The checks that ran and failed."""
+        return [check for check in self.checks if check.checked and not check.ok]
+
+    @property
+    def not_checked(self) -> list[Check]:
+        """The checks that could not run (the schema is below head)."""
+        return [check for check in self.checks if not check.checked]
 
     def check(self, name: str) -> Check:
         return next(check for check in self.checks if check.name == name)
@@ -162,8 +175,7 @@ def run_checks(connection: Connection) -> list[Check]:
             checks += [_index_check(connection), _trigger_check(connection)]
         else:
             checks += [
-                Check(name, titles[name], ok=False, problem="not checked: the schema is not at head")
-                for name in _NEEDS_HEAD
+                Check(name, titles[name], ok=False, details=(NOT_AT_HEAD,), checked=False) for name in _NEEDS_HEAD
             ]
         if connection.dialect.name == "postgresql":
             checks += [_pg_invalid_index_check(connection), _pg_foreign_key_check(connection, finalized=finalized)]

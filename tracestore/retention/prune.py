@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -33,13 +33,13 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tracestore.busy import Attempt, retry_busy, retry_busy_async
+from tracestore.busy import BUSY_DEADLINE, Attempt, retry_busy, retry_busy_async
 from tracestore.engine import WRITE
-from tracestore.errors import InvalidQueryError, StorageError, is_disk_full
+from tracestore.errors import InvalidQueryError, StorageError, is_disk_full, storage_error
 from tracestore.migrate.online import CheckpointError, pause_for_waiting_writers, restart_wal
 from tracestore.queries import compiled
 from tracestore.retention.queries import retention_statements_for
-from tracestore.rows import storage_error
+from tracestore.types import END_OF_YEAR_9999, unit_mistake
 
 T = TypeVar("T")
 
@@ -81,6 +81,8 @@ def prune_request(
     """
     now = time.time() if now is None else now
     cutoff = _cutoff(older_than, now)
+    if cutoff >= END_OF_YEAR_9999:
+        raise InvalidQueryError(f"older_than {older_than!r} is past the year 9999: {unit_mistake(cutoff)}")
     if cutoff > now:
         raise InvalidQueryError(
             f"older_than is in the future ({_iso(cutoff)}, now is {_iso(now)}): give epoch seconds (not "
@@ -227,7 +229,7 @@ class Pruner:
         cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
             # Each step of the pragma frees one page, and the drivers step a statement without result
-            # columns once: PRAGMA incremental_vacuum(N) would free one page, not N (measured).
+            # columns once: PRAGMA incremental_vacuum(N) would free one page, not N.
             for _ in range(min(free, VACUUM_STEP_PAGES)):
                 cursor.execute("PRAGMA incremental_vacuum")
         finally:
@@ -247,15 +249,18 @@ class Pruner:
             advice = f"incremental vacuum returned {returned:,} pages ({returned_mb:,.1f} MB); {size} left"
         elif mode == 1:
             advice = f"auto_vacuum=FULL returned the freed pages at each commit; {size}"
-        elif self.request.vacuum and mode == 0:
+        elif mode == 2:
+            advice = f"{size} stay in the file for new traces (--vacuum / vacuum=True returns them to the filesystem)"
+        elif self.request.vacuum:
+            # Only an INCREMENTAL file can give pages back in steps; say so instead of silently doing nothing.
             advice = (
-                f"{size} stay in the file for new traces; auto_vacuum is NONE, so only VACUUM shrinks it: run it "
-                "offline (it holds the write lock for a rewrite of the whole file and needs free disk about the "
-                "file's size), or once `PRAGMA auto_vacuum=INCREMENTAL; VACUUM;`, after which prune --vacuum "
-                "returns pages in short steps"
+                f"{size} stay in the file for new traces; auto_vacuum is NONE, so --vacuum cannot return them and "
+                "only VACUUM shrinks it: run it offline (it holds the write lock for a rewrite of the whole file and "
+                "needs free disk about the file's size), or once `PRAGMA auto_vacuum=INCREMENTAL; VACUUM;`, after "
+                "which prune --vacuum returns pages in short steps"
             )
         else:
-            advice = f"{size} stay in the file for new traces (--vacuum / vacuum=True to return them)"
+            advice = f"{size} stay in the file for new traces; auto_vacuum is NONE, so only VACUUM shrinks it (offline)"
         return Space(free, page_size, returned, advice)
 
     def report(self, space: Space) -> PruneReport:
@@ -265,35 +270,55 @@ class Pruner:
 
 
 # -- running a prune on a store's engine (sync and async: the same steps, each in its own transaction) --
-def run(engine: Engine, request: PruneRequest, on_progress: OnProgress | None = None) -> PruneReport:
-    """Prune on `engine` (the store's): count, delete batch after batch, then look at the space."""
-    pruner = Pruner(engine.dialect.name, request)
-    try:
-        with engine.connect() as connection:
-            pruner.count(connection)
-            connection.rollback()
+Step = tuple[bool, Callable[[Connection], Any]]
+"""A prune's request to its driver: (write?, a step taking a Connection); sent back: the step's result."""
+
+
+def steps(pruner: Pruner, on_progress: OnProgress | None) -> Generator[Step, Any, PruneReport]:
+    """What a prune does, in order, with no I/O: count, delete batch after batch, then look at the space
+    (and give it back, with vacuum on an INCREMENTAL file). `run` and `run_async` drive it."""
+    request = pruner.request
+    yield False, pruner.count
+    if on_progress is not None:
+        on_progress(0, pruner.total)
+    finished = request.dry_run
+    while not finished:
+        finished = pruner.advance((yield True, pruner.delete_batch))
         if on_progress is not None:
-            on_progress(0, pruner.total)
-        finished = request.dry_run
-        while not finished:
-            deleted = _write(engine, pruner.delete_batch, pruner)
-            finished = pruner.advance(deleted)
-            if on_progress is not None:
-                on_progress(pruner.deleted, pruner.total)
-        facts, returned = None, None
-        if pruner.sqlite:
-            facts = _read(engine, pruner.space_facts)
-            if request.vacuum and not request.dry_run and facts[2] == 2:
-                returned = 0
-                while facts[0] > 0:
-                    _write(engine, pruner.vacuum_step, pruner)
-                    before, facts = facts[0], _read(engine, pruner.space_facts)
-                    if facts[0] >= before:  # nothing returned (another connection reads the pages): stop
-                        break
-                    returned += before - facts[0]
+            on_progress(pruner.deleted, pruner.total)
+    facts, returned = None, None
+    if pruner.sqlite:
+        facts = yield False, pruner.space_facts
+        if request.vacuum and not request.dry_run and facts[2] == 2:
+            returned = 0
+            while facts[0] > 0:
+                yield True, pruner.vacuum_step
+                before, facts = facts[0], (yield False, pruner.space_facts)
+                if facts[0] >= before:  # nothing returned (another connection reads the pages): stop
+                    break
+                returned += before - facts[0]
+    return pruner.report(pruner.space(facts, returned))
+
+
+def run(
+    engine: Engine,
+    request: PruneRequest,
+    on_progress: OnProgress | None = None,
+    *,
+    retry_deadline: float = BUSY_DEADLINE,
+) -> PruneReport:
+    """Prune on `engine` (the store's): each step of `steps` in its own transaction, blocking."""
+    pruner = Pruner(engine.dialect.name, request)
+    plan = steps(pruner, on_progress)
+    try:
+        write, step = next(plan)
+        while True:
+            result = _write(engine, step, pruner, retry_deadline) if write else _read(engine, step)
+            write, step = plan.send(result)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
     except SQLAlchemyError as exc:
         raise _failed(pruner, exc) from exc
-    return pruner.report(pruner.space(facts, returned))
 
 
 def _read(engine: Engine, step: Callable[[Connection], T]) -> T:
@@ -304,7 +329,7 @@ def _read(engine: Engine, step: Callable[[Connection], T]) -> T:
             connection.rollback()
 
 
-def _write(engine: Engine, step: Callable[[Connection], T], pruner: Pruner) -> T:
+def _write(engine: Engine, step: Callable[[Connection], T], pruner: Pruner, retry_deadline: float) -> T:
     """Run `step` in one write transaction (retried while other writers hold the lock), then, on SQLite,
     keep the WAL about one batch long and leave the lock free for the writers that queued meanwhile."""
     write = engine.execution_options(**{WRITE: True})
@@ -322,7 +347,7 @@ def _write(engine: Engine, step: Callable[[Connection], T], pruner: Pruner) -> T
         except (SQLAlchemyError, engine.dialect.loaded_dbapi.Error) as exc:  # vacuum_step uses a raw cursor
             raise _failed(pruner, exc) from exc
 
-    result = retry_busy(attempt_once, what="prune")
+    result = retry_busy(attempt_once, what="prune", deadline=retry_deadline)
     if pruner.sqlite:
         try:
             with engine.connect() as connection:
@@ -333,36 +358,29 @@ def _write(engine: Engine, step: Callable[[Connection], T], pruner: Pruner) -> T
     return result
 
 
-async def run_async(engine: AsyncEngine, request: PruneRequest, on_progress: OnProgress | None = None) -> PruneReport:
-    """`run` for the async store: the same Pruner steps, each through run_sync in its own transaction."""
+async def run_async(
+    engine: AsyncEngine,
+    request: PruneRequest,
+    on_progress: OnProgress | None = None,
+    *,
+    retry_deadline: float = BUSY_DEADLINE,
+) -> PruneReport:
+    """`run` for the async store: the same steps, each through run_sync in its own transaction."""
     pruner = Pruner(engine.dialect.name, request)
+    plan = steps(pruner, on_progress)
     try:
-        async with engine.connect() as connection:
-            await connection.run_sync(pruner.count)
-            await connection.rollback()
-        if on_progress is not None:
-            on_progress(0, pruner.total)
-        finished = request.dry_run
-        while not finished:
-            deleted = await _write_async(engine, pruner.delete_batch, pruner)
-            finished = pruner.advance(deleted)
-            if on_progress is not None:
-                on_progress(pruner.deleted, pruner.total)
-        facts, returned = None, None
-        if pruner.sqlite:
-            facts = await _read_async(engine, pruner.space_facts)
-            if request.vacuum and not request.dry_run and facts[2] == 2:
-                returned = 0
-                while facts[0] > 0:
-                    await _write_async(engine, pruner.vacuum_step, pruner)
-                    before, facts = facts[0], await _read_async(engine, pruner.space_facts)
-                    if facts[0] >= before:
-                        break
-                    returned += before - facts[0]
+        write, step = next(plan)
+        while True:
+            if write:
+                result = await _write_async(engine, step, pruner, retry_deadline)
+            else:
+                result = await _read_async(engine, step)
+            write, step = plan.send(result)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
     # OSError: asyncpg's own socket errors (server down, connection reset), which SQLAlchemy does not wrap.
     except (SQLAlchemyError, OSError, engine.dialect.loaded_dbapi.Error) as exc:
         raise _failed(pruner, exc) from exc
-    return pruner.report(pruner.space(facts, returned))
 
 
 async def _read_async(engine: AsyncEngine, step: Callable[[Connection], T]) -> T:
@@ -373,7 +391,9 @@ async def _read_async(engine: AsyncEngine, step: Callable[[Connection], T]) -> T
             await connection.rollback()
 
 
-async def _write_async(engine: AsyncEngine, step: Callable[[Connection], T], pruner: Pruner) -> T:
+async def _write_async(
+    engine: AsyncEngine, step: Callable[[Connection], T], pruner: Pruner, retry_deadline: float
+) -> T:
     write = engine.execution_options(**{WRITE: True})
     held = 0.0
 
@@ -389,7 +409,7 @@ async def _write_async(engine: AsyncEngine, step: Callable[[Connection], T], pru
         except (SQLAlchemyError, OSError, engine.dialect.loaded_dbapi.Error) as exc:  # as in run_async
             raise _failed(pruner, exc) from exc
 
-    result = await retry_busy_async(attempt_once, what="prune")
+    result = await retry_busy_async(attempt_once, what="prune", deadline=retry_deadline)
     if pruner.sqlite:
         try:
             async with engine.connect() as connection:

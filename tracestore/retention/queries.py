@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, bindparam, delete, func, literal_column, select
+from sqlalchemy import Select, Table, bindparam, delete, func, select
 from sqlalchemy.sql.dml import ReturningDelete
 
+from tracestore.dialects import rules_for
 from tracestore.models import Trace
 from tracestore.queries import statements_for
 
@@ -26,10 +27,7 @@ class RetentionStatements:
     dialect_name: str
 
     def _row_key(self, table: Any) -> Any:
-        # SQLite: traces is a rowid table, and idx_traces_created_at holds (created_at, rowid), so the
-        # batch's subquery is a covering range read and each deleted row is found by its rowid instead
-        # of a second search of the TEXT primary key. PostgreSQL has no stable row address: the id.
-        return literal_column(f"{table.name}.rowid") if self.dialect_name == "sqlite" else table.c.id
+        return rules_for(self.dialect_name).row_key(table)
 
     @cache  # noqa: B019 - instances are interned by retention_statements_for(), so the cache is bounded
     def delete_batch(self, *, resume: bool) -> ReturningDelete[Any]:

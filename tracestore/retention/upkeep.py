@@ -45,12 +45,17 @@ class Upkeep:
     _backoff: float = CHECKPOINT_BACKOFF
 
     @classmethod
-    def for_engine(cls, engine: Engine) -> Upkeep | None:
+    def for_engine(
+        cls, engine: Engine, *, wal_limit: int = WAL_CHECKPOINT_BYTES, statistics_every: int = STATISTICS_EVERY
+    ) -> Upkeep | None:
         """The upkeep of the engine's SQLite file; None for PostgreSQL (autovacuum does both jobs) or :memory:."""
+        for name, value in (("wal_checkpoint_bytes", wal_limit), ("analyze_every", statistics_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0 (0 turns it off), got {value!r}")
         database = engine.url.database
         if engine.dialect.name != "sqlite" or database in (None, "", ":memory:") or database.startswith("file:"):
             return None
-        return cls(wal_path=f"{database}-wal")
+        return cls(wal_path=f"{database}-wal", wal_limit=wal_limit, statistics_every=statistics_every)
 
     def due(self) -> Job | None:
         """Called after each committed write: one stat() of the WAL, nothing else unless something is due."""

@@ -87,7 +87,7 @@ _LOAD_PRAGMAS = (
     "locking_mode=EXCLUSIVE",
     "temp_store=MEMORY",
     "cache_size=-262144",  # 256 MiB: the index builds sort in memory
-    "threads=2",  # the index builds sort with a helper thread (~15% faster on two cores)
+    "threads=2",  # the index builds sort with a helper thread
 )
 
 Progress = Callable[[int, int], None]
