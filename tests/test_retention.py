@@ -401,9 +401,7 @@ def test_cli_prune(backend: Backend) -> None:
     ("older_than", "named"),
     [("1796415240000", "looks like an epoch time in milliseconds"), ("800000d", "before the year 1")],
 )
-def test_cli_prune_refuses_an_age_before_the_year_1_in_one_line(
-    tmp_path: Path, older_than: str, named: str
-) -> None:
+def test_cli_prune_refuses_an_age_before_the_year_1_in_one_line(tmp_path: Path, older_than: str, named: str) -> None:
     url = f"sqlite:///{tmp_path / 'traces.db'}"
     with TraceStore(url) as store:
         store.store(make_trace(created_at=CUTOFF - DAY))
