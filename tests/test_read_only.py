@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from tests.filesystems import tmpfs
 from tracestore import AsyncTraceStore, SchemaOutOfDateError, StorageError, TraceContext, TraceStore
 from tracestore.cli import main
 from tracestore.migrate import upgrade
@@ -62,17 +63,12 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def medium(tmp_path: Path) -> Iterator[Path]:
     """An empty directory that `read_only()` turns read-only: a small tmpfs of its own for root."""
     where = tmp_path / "medium"
-    where.mkdir()
     if not ROOT:
+        where.mkdir()
         yield where
         return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
-    try:
+    with tmpfs(where, "16m"):
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
 
 
 def snapshot(where: Path) -> dict[str, bytes]:

@@ -419,19 +419,9 @@ def _pg_invalid_index_check(connection: Connection) -> Check:
 
 def _foreign_key_check(connection: Connection, *, finalized: bool = True) -> Check:
     rows = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
-    title = _title(connection, FOREIGN_KEYS)
-    if not rows:
-        return Check(FOREIGN_KEYS, title, ok=True)
-    check = Check(
-        FOREIGN_KEYS,
-        title,
-        ok=False,
-        problem=f"{len(rows)} rows reference a missing parent",
-        count=len(rows),
-        details=tuple(f"{table} rowid {rowid} -> {parent}" for table, rowid, parent, _ in rows[:SAMPLE_ROWS]),
-    )
+    details = [f"{table} rowid {rowid} -> {parent}" for table, rowid, parent, _ in rows[:SAMPLE_ROWS]]
     only_links = all((table, parent) == ("trace_sessions", "traces") for table, _, parent, _ in rows)
-    return _kept(check) if only_links and not finalized else check
+    return _foreign_key_result(connection, len(rows), details, only_links=only_links, finalized=finalized)
 
 
 def _pg_foreign_key_check(connection: Connection, *, finalized: bool = True) -> Check:
@@ -463,6 +453,13 @@ def _pg_foreign_key_check(connection: Connection, *, finalized: bool = True) -> 
             columns = ", ".join(quote(child) for child in key["constrained_columns"])
             for values in connection.exec_driver_sql(f"SELECT {columns}{from_where} LIMIT {SAMPLE_ROWS}"):
                 details.append(f"{table} {tuple(values)!r} -> {key['referred_table']} ({key['name']})")
+    return _foreign_key_result(connection, count, details, only_links=only_links, finalized=finalized)
+
+
+def _foreign_key_result(
+    connection: Connection, count: int, details: list[str], *, only_links: bool, finalized: bool
+) -> Check:
+    """The foreign-key check's outcome; links without their trace are kept (ok) before finalize."""
     title = _title(connection, FOREIGN_KEYS)
     if not count:
         return Check(FOREIGN_KEYS, title, ok=True)
