@@ -898,9 +898,10 @@ def any_store(request: pytest.FixtureRequest, backend: Backend) -> Iterator[Trac
 
 
 # These three take `db_path` to run on SQLite only: pragmas, a deferred BEGIN and BEGIN IMMEDIATE are
-# SQLite's (tracestore.engine leaves PostgreSQL connections as the driver makes them).
-def test_every_connection_has_the_pragmas(any_store: TraceStore, db_path: Path) -> None:
-    with any_store.engine.connect() as first, any_store.engine.connect() as second:
+# SQLite's (tracestore.engine leaves PostgreSQL connections as the driver makes them). The first two are about
+# the engine a store creates from a URL: an application's Engine keeps its own setup (tests/test_app_engine.py).
+def test_every_connection_has_the_pragmas(store: TraceStore, db_path: Path) -> None:
+    with store.engine.connect() as first, store.engine.connect() as second:
         for conn in (first, second):
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
@@ -908,14 +909,14 @@ def test_every_connection_has_the_pragmas(any_store: TraceStore, db_path: Path) 
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() > 0
 
 
-def test_reads_see_one_snapshot(any_store: TraceStore, db_path: Path) -> None:
-    any_store.store(make(id="before", session_uids=["a"], created_at=T0))
-    with any_store.engine.connect() as reader:
+def test_reads_see_one_snapshot(store: TraceStore, db_path: Path) -> None:
+    store.store(make(id="before", session_uids=["a"], created_at=T0))
+    with store.engine.connect() as reader:
         first = reader.exec_driver_sql("SELECT count(*) FROM traces").scalar()
         assert reader.connection.dbapi_connection.in_transaction  # type: ignore[union-attr]
-        any_store.store(make(id="after", session_uids=["a"], created_at=T0 + 1))
+        store.store(make(id="after", session_uids=["a"], created_at=T0 + 1))
         assert reader.exec_driver_sql("SELECT count(*) FROM traces").scalar() == first == 1
-    assert [trace.id for trace in any_store.get_by_session_uid("a")] == ["after", "before"]
+    assert [trace.id for trace in store.get_by_session_uid("a")] == ["after", "before"]
 
 
 def test_writes_take_the_write_lock_up_front(any_store: TraceStore, db_path: Path) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Generator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar
@@ -17,11 +17,18 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tracestore.busy import BUSY_DEADLINE, Attempt, retry_busy_async
-from tracestore.core import MIGRATING, Mode, Plan, Read, StoreCore, Write, driver_calls, session_query
-from tracestore.engine import WRITE, configure_async_engine, create_async_engine, read_options, shown
+from tracestore.core import MIGRATING, Plan, Read, StoreCore, Write, session_query
+from tracestore.drive import execute_steps_async, fetch_rows_async
+from tracestore.engine import (
+    AsyncStoreEngine,
+    async_tracestore_connection,
+    check_connection,
+    create_async_engine,
+    shown,
+)
 from tracestore.errors import StorageError, storage_error
 from tracestore.migrate import at_head, ensure_head, refuse_missing_database
-from tracestore.queries import compiled, explain_statement, statements_for
+from tracestore.queries import explain_statement, statements_for
 from tracestore.retention import prune as retention
 from tracestore.retention import upkeep as maintenance
 from tracestore.tail import DEFAULT_LOOKBACK, DEFAULT_POLL_LIMIT, SessionTail
@@ -51,27 +58,24 @@ class AsyncTraceStore:
         wal_checkpoint_bytes: int = maintenance.WAL_CHECKPOINT_BYTES,
         analyze_every: int = maintenance.STATISTICS_EVERY,
     ) -> None:
-        owned = not isinstance(url_or_engine, AsyncEngine)
-        engine = (
-            create_async_engine(url_or_engine)
-            if isinstance(url_or_engine, str)
-            else configure_async_engine(url_or_engine)
+        owned = isinstance(url_or_engine, str)
+        self._main = AsyncStoreEngine(
+            create_async_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
         )
+        engine = self._main.engine
         self._engine = engine
         self._owned = owned
         # Where reads go (see TraceStore): `read_engine`, owned when given as a URL, else the same engine.
-        self._reader = engine
+        self._reader = self._main
         self._reader_owned = False
         if read_engine is not None:
-            reader = (
-                create_async_engine(read_engine)
-                if isinstance(read_engine, str)
-                else configure_async_engine(read_engine)
-            )
-            if reader.dialect.name != engine.dialect.name:  # the statements are per dialect
+            reader = AsyncStoreEngine(create_async_engine(read_engine) if isinstance(read_engine, str) else read_engine)
+            if reader.engine.dialect.name != engine.dialect.name:  # the statements are per dialect
                 if isinstance(read_engine, str):
-                    reader.sync_engine.dispose()
-                raise StorageError(f"the read engine is {reader.dialect.name}, the store's is {engine.dialect.name}")
+                    reader.engine.sync_engine.dispose()
+                raise StorageError(
+                    f"the read engine is {reader.engine.dialect.name}, the store's is {engine.dialect.name}"
+                )
             self._reader, self._reader_owned = reader, isinstance(read_engine, str)
         # What a failing database call can raise: SQLAlchemy's errors; the driver's own from the raw
         # aiosqlite calls; and asyncpg's socket errors (OSError: refused, no such socket, reset), which
@@ -80,10 +84,8 @@ class AsyncTraceStore:
             SQLAlchemyError,
             OSError,
             engine.dialect.loaded_dbapi.Error,
-            self._reader.dialect.loaded_dbapi.Error,
+            self._reader.engine.dialect.loaded_dbapi.Error,
         )
-        self._write_engine = engine.execution_options(**{WRITE: True})
-        self._read_engine = self._reader.execution_options(**read_options(self._reader.dialect.name))
         self._core = StoreCore(statements_for(engine.dialect.name))
         self._retry_deadline = retry_deadline
         self._upkeep = maintenance.Upkeep.for_engine(
@@ -101,7 +103,7 @@ class AsyncTraceStore:
     @property
     def read_engine(self) -> AsyncEngine:
         """The engine reads go to: `read_engine` if one was given, else `engine`."""
-        return self._reader
+        return self._reader.engine
 
     async def _open(self) -> None:
         """Check (or upgrade) the schema once: on `async with` or the first operation (__init__ cannot await)."""
@@ -110,13 +112,13 @@ class AsyncTraceStore:
                 return
             try:
                 refuse_missing_database(self._engine.url, auto_upgrade=self._auto_upgrade)
-                async with self._engine.connect() as conn:
+                async with async_tracestore_connection(self._engine) as conn:
                     # True while an upgrade is unfinished (see migrate.ensure_head): session queries
                     # then use the legacy join, which does not depend on the backfilled copy.
                     self._migrating = await conn.run_sync(
                         lambda sync_conn: ensure_head(sync_conn, auto_upgrade=self._auto_upgrade)
                     )
-                if self._reader is not self._engine and not self._migrating:
+                if self._reader is not self._main and not self._migrating:
                     # A replica replays the upgrade after the primary: until its own revision is head
                     # it gets the legacy join too, which returns the same rows at any revision.
                     await self._still_migrating()
@@ -125,11 +127,11 @@ class AsyncTraceStore:
             self._ready = True
 
     # -- writes -----------------------------------------------------------------------------------
-    async def store(self, trace: TraceContext) -> str:
+    async def store(self, trace: TraceContext, *, connection: AsyncConnection | None = None) -> str:
         """Insert a trace, or update it in place; its id (see TraceStore.store)."""
-        return (await self._run(self._core.store_batch((trace,))))[0]
+        return (await self._write_plan(self._core.store_batch((trace,)), connection))[0]
 
-    async def store_batch(self, traces: Iterable[TraceContext]) -> None:
+    async def store_batch(self, traces: Iterable[TraceContext], *, connection: AsyncConnection | None = None) -> None:
         """Store the traces in one transaction: all of them or none (see TraceStore.store_batch).
 
         Cancelled (a timeout, a task group) before its COMMIT is sent, the call stores nothing: the
@@ -138,13 +140,17 @@ class AsyncTraceStore:
         SQLite upkeep that follows a write), the batch is stored. Either way it is the whole batch or
         nothing, and storing the same traces again is safe: their ids are the caller's, so a trace already
         stored is updated in place (its sessions added), not duplicated.
-        """
-        await self._run(self._core.store_batch(traces))
 
-    async def delete(self, trace_id: str) -> bool:
+        `connection`: an AsyncConnection of the application's; the statements run inside its transaction
+        (see TraceStore.store_batch).
+        """
+        await self._write_plan(self._core.store_batch(traces), connection)
+
+    async def delete(self, trace_id: str, *, connection: AsyncConnection | None = None) -> bool:
         """Delete the trace and its session links; whether it existed. Cancelled, as store_batch: nothing
-        before COMMIT is sent, unknown while it is in flight; deleting again is safe."""
-        return await self._run(self._core.delete(trace_id))
+        before COMMIT is sent, unknown while it is in flight; deleting again is safe. `connection`: as
+        store_batch."""
+        return await self._write_plan(self._core.delete(trace_id), connection)
 
     # -- reads ------------------------------------------------------------------------------------
     async def get(self, trace_id: str) -> TraceContext | None:
@@ -222,7 +228,13 @@ class AsyncTraceStore:
         return await self._run(self._core.explain(session_query(session_uid, since, limit, **filters)))
 
     # -- running plans ------------------------------------------------------------------------------
-    async def _run(self, plan: Plan[T]) -> T:
+    async def _write_plan(self, plan: Plan[T], connection: AsyncConnection | None) -> T:
+        if connection is None:
+            return await self._run(plan)
+        check_connection(connection, AsyncConnection, self._engine.dialect.name)
+        return await self._run(plan, connection)
+
+    async def _run(self, plan: Plan[T], connection: AsyncConnection | None = None) -> T:
         """Answer each request of a plan (tracestore.core) until it returns; the plan's own checks run before
         the database is opened."""
         try:
@@ -234,6 +246,8 @@ class AsyncTraceStore:
                     answer: Any = await self._read(request)
                 elif request is MIGRATING:
                     answer = self._migrating and await self._still_migrating()
+                elif connection is not None:
+                    answer = await self._write_in(connection, request)
                 else:
                     answer = await self._write(request)
                 request = plan.send(answer)
@@ -249,35 +263,23 @@ class AsyncTraceStore:
         return result
 
     async def _transaction(self, write: Write, attempt: Attempt) -> Any:
-        """One try of a write transaction: its statements in one transaction, then COMMIT."""
+        """One try of a write transaction: its statements (tracestore.drive), then COMMIT."""
         try:
-            async with self._write_engine.begin() as conn:
-                result = await self._execute_steps(write.steps(), conn)
+            async with self._main.transaction() as conn:
+                result = await execute_steps_async(write.steps(), conn)
                 attempt.committing()
             return result
         except self._failures as exc:
             raise self._error(write.failed_at_commit if attempt.at_commit else write.failed, exc) from exc
 
-    async def _execute_steps(self, steps: Generator[Any, int, T], conn: AsyncConnection) -> T:
-        """Run a write's statements (tracestore.core.Execute) in the connection's transaction; each is sent back
-        the rows it changed."""
+    async def _write_in(self, connection: AsyncConnection, write: Write) -> Any:
+        """A write inside the caller's transaction: once, never committed here."""
+        if not connection.in_transaction():
+            await connection.begin()  # what SQLAlchemy's autobegin does; the raw path would bypass it
         try:
-            request = next(steps)
-            while True:
-                query = compiled(request.stmt, self._engine.dialect)
-                changed = 0
-                for args, many in driver_calls(query, request):
-                    if many and request.mode is Mode.MANY and self._engine.dialect.driver == "aiosqlite":
-                        # Straight to aiosqlite: two thread round trips per statement instead of
-                        # SQLAlchemy's adapter's three, and no result object.
-                        raw = await conn.get_raw_connection()
-                        async with raw.driver_connection.executemany(query.sql, args) as cursor:  # type: ignore[union-attr]
-                            changed += int(cursor.rowcount)
-                    else:
-                        changed += int((await conn.exec_driver_sql(query.sql, args)).rowcount)
-                request = steps.send(changed)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+            return await execute_steps_async(write.in_callers_transaction(), connection)
+        except self._failures as exc:
+            raise self._error(write.failed_inside, exc) from exc
 
     async def _after_write(self) -> None:
         """The writer's SQLite upkeep after a committed write (see TraceStore._after_write).
@@ -305,31 +307,24 @@ class AsyncTraceStore:
             upkeep_log.warning("SQLite %s failed (the write itself committed): %s", job, exc)
 
     async def _read(self, read: Read) -> list[Any]:
-        query = compiled(read.stmt, self._reader.dialect)
-        args = query.args(read.params)
         try:
-            async with self._read_engine.connect() as conn:
+            async with self._reader.read.connect() as conn:
                 if read.explain or plan_log.isEnabledFor(logging.DEBUG):
                     lines = await _plan(conn, read.stmt, read.params)
                     if read.explain:
                         return lines
                     plan_log.debug("plan:\n  %s", "\n  ".join(str(line[-1]) for line in lines))
-                if self._reader.dialect.driver == "aiosqlite":
-                    # One thread round trip instead of five (cursor, execute, fetchall, close through
-                    # SQLAlchemy's adapter). The price: these reads do not fire SQLAlchemy's cursor events or echo.
-                    raw = await conn.get_raw_connection()
-                    return list(await raw.driver_connection.execute_fetchall(query.sql, args))  # type: ignore[union-attr]
-                return list((await conn.exec_driver_sql(query.sql, args)).all())
+                return await fetch_rows_async(conn, read.stmt, read.params)
         except self._failures as exc:
-            raise self._error("explain failed" if read.explain else "query failed", exc, self._reader) from exc
+            raise self._error("explain failed" if read.explain else "query failed", exc, self._reader.engine) from exc
 
     async def _still_migrating(self) -> bool:
         """Re-read the revision where reads go; once it reached head, switch to the fast query for good."""
         try:
-            async with self._reader.connect() as conn:
+            async with self._reader.engine.connect() as conn:
                 self._migrating = not await conn.run_sync(at_head)
         except self._failures as exc:
-            raise self._error("cannot read the schema revision", exc, self._reader) from exc
+            raise self._error("cannot read the schema revision", exc, self._reader.engine) from exc
         return self._migrating
 
     def _error(self, action: str, exc: BaseException, engine: AsyncEngine | None = None) -> StorageError:
@@ -351,7 +346,7 @@ class AsyncTraceStore:
             if self._owned:
                 await self._engine.dispose()
             if self._reader_owned:
-                await self._reader.dispose()
+                await self._reader.engine.dispose()
 
     async def __aenter__(self) -> AsyncTraceStore:
         await self._open()
@@ -380,7 +375,7 @@ class AsyncTraceStore:
         request = retention.prune_request(older_than, batch_size=batch_size, vacuum=vacuum, dry_run=dry_run)
         if not self._ready:
             await self._open()
-        return await retention.run_async(self._engine, request, on_progress, retry_deadline=self._retry_deadline)
+        return await retention.run_async(self._main, request, on_progress, retry_deadline=self._retry_deadline)
 
 
 async def _plan(conn: AsyncConnection, stmt: Any, params: dict[str, Any]) -> list[Any]:

@@ -11,6 +11,8 @@ sent the answer back (the pattern of tracestore.tail):
 * `Write(...)`: one write transaction. Its `steps()` is itself a generator of `Execute` requests, each
   sent back the rows it changed; the driver runs them in one transaction and runs the whole transaction
   again, with a fresh `steps()`, while the database is busy (tracestore.busy), never once COMMIT began.
+  Inside a transaction of the caller's (`connection=`, tracestore.orm) it runs `in_callers_transaction()`
+  once instead, and commits nothing.
 
 TraceStore and AsyncTraceStore only execute these requests, the one blocking, the other awaiting; the
 plans never touch a connection. Argument errors are raised before the first request, so bad input never
@@ -93,15 +95,40 @@ def driver_calls(query: DriverSQL, request: Execute) -> list[tuple[Any, bool]]:
 class Write:
     """One write transaction, run whole or not at all, and again while the database is busy.
 
-    `steps` makes a fresh generator of its statements for each attempt. `failed` / `failed_at_commit`:
-    how the StorageError of a failed attempt begins (a COMMIT that failed is never retried: on a lost
-    connection its outcome is unknown).
+    `body` makes a fresh generator of its statements for each attempt; `setup` runs first in each of the
+    store's own transactions. `failed` / `failed_at_commit`: how the StorageError of a failed attempt begins
+    (a COMMIT that failed is never retried: on a lost connection its outcome is unknown).
     """
 
     what: str
-    steps: Callable[[], Generator[Execute, int, Any]]
+    body: Callable[[], Generator[Execute, int, Any]]
     failed: str
     failed_at_commit: str
+    setup: tuple[Executable, ...] = ()
+    # In a transaction of the caller's: `setup`'s settings saved before and restored after the body.
+    save_setup: tuple[Executable, ...] = ()
+    restore_setup: tuple[Executable, ...] = ()
+
+    @property
+    def failed_inside(self) -> str:
+        """How the StorageError of this write inside a transaction of the caller's begins."""
+        return f"{self.what} failed inside the caller's transaction (roll it back: it may hold part of the write)"
+
+    def steps(self) -> Generator[Execute, int, Any]:
+        """The statements of one attempt in the store's own transaction (each sent back its row count)."""
+        for setup in self.setup:
+            yield Execute(setup)
+        return (yield from self.body())
+
+    def in_callers_transaction(self) -> Generator[Execute, int, Any]:
+        """The statements to run inside a transaction of the caller's (`connection=`, tracestore.orm.add_traces):
+        the same changes, and whatever the setup changes for the transaction put back after them."""
+        for setup in (*self.save_setup, *self.setup):
+            yield Execute(setup)
+        result = yield from self.body()
+        for restore in self.restore_setup:
+            yield Execute(restore)
+        return result
 
 
 Request = Read | _Migrating | Write
@@ -123,18 +150,20 @@ class StoreCore:
             return []
         if not self.sql.rules.text_holds_nul:
             refuse_nul(batch)
+        sql = self.sql
         yield Write(
             "store",
             lambda: self._write_batch(batch),
             failed="store failed, nothing of the batch was written",
             failed_at_commit="store failed at COMMIT (not retried; on a lost connection the outcome is unknown)",
+            setup=sql.write_setup,
+            save_setup=sql.save_write_setup,
+            restore_setup=sql.restore_write_setup,
         )
         return [row[0] for row in batch.traces]
 
     def _write_batch(self, batch: WriteBatch) -> Generator[Execute, int, None]:
         sql = self.sql
-        for setup in sql.write_setup:
-            yield Execute(setup)
         inserted = yield Execute(sql.insert_trace, batch.traces, self._arrays, TRACE_COLUMNS)
         if inserted != len(batch.traces):  # some ids exist (or the driver cannot tell): update them in place
             yield Execute(sql.upsert_trace, batch.traces, self._arrays, TRACE_COLUMNS)
@@ -142,10 +171,15 @@ class StoreCore:
             yield Execute(sql.insert_link, batch.links, self._arrays, LINK_COLUMNS)
 
     def delete(self, trace_id: str) -> Plan[bool]:
-        """Delete a trace and its session links (ON DELETE CASCADE); whether there was such a trace."""
+        """Delete a trace and its session links; whether there was such a trace.
+
+        The links are deleted by their own statement, not left to ON DELETE CASCADE: an application's SQLite
+        connection (`connection=`) may run with foreign keys off, where the cascade would not happen.
+        """
         params = {"id": self.trace_id(trace_id)}
 
         def steps() -> Generator[Execute, int, int]:
+            yield Execute(self.sql.delete_links, params)
             return (yield Execute(self.sql.delete_trace, params))
 
         deleted = yield Write(

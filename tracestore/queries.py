@@ -114,8 +114,18 @@ class Statements:
 
     @property
     def write_setup(self) -> tuple[TextClause, ...]:
-        """Run first in every write transaction, before write_statements (tracestore.dialects)."""
+        """Run first in every write transaction of the store's, before write_statements (tracestore.dialects)."""
         return self.rules.write_setup()
+
+    @property
+    def save_write_setup(self) -> tuple[TextClause, ...]:
+        """Run before write_setup in a transaction of the caller's: keeps what write_setup changes."""
+        return self.rules.write_setup_undo()[0]
+
+    @property
+    def restore_write_setup(self) -> tuple[TextClause, ...]:
+        """Run after the writes in a transaction of the caller's, which goes on: put back what save_write_setup kept."""
+        return self.rules.write_setup_undo()[1]
 
     @property
     def write_arrays(self) -> bool:
@@ -145,8 +155,15 @@ class Statements:
 
     @property
     @cache  # noqa: B019
+    def delete_links(self) -> Delete:
+        """Delete one trace's links (the junction's primary key starts with trace_id): run before delete_trace,
+        so a delete is whole on connections without foreign key enforcement too."""
+        return delete(links).where(links.c.trace_id == bindparam("id"))
+
+    @property
+    @cache  # noqa: B019
     def delete_trace(self) -> Delete:
-        """Delete one trace; ON DELETE CASCADE (foreign_keys=ON) removes its links in the same statement."""
+        """Delete one trace (its links first: delete_links)."""
         return delete(traces).where(traces.c.id == bindparam("id"))
 
     # -- reads ------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar
@@ -13,11 +13,12 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from tracestore.busy import BUSY_DEADLINE, Attempt, retry_busy
-from tracestore.core import MIGRATING, Plan, Read, StoreCore, Write, driver_calls, session_query
-from tracestore.engine import WRITE, configure_engine, create_engine, read_options
+from tracestore.core import MIGRATING, Plan, Read, StoreCore, Write, session_query
+from tracestore.drive import execute_steps, fetch_rows
+from tracestore.engine import StoreEngine, check_connection, create_engine, tracestore_connection
 from tracestore.errors import StorageError, storage_error
 from tracestore.migrate import at_head, ensure_head, refuse_missing_database
-from tracestore.queries import compiled, explain_statement, statements_for
+from tracestore.queries import explain_statement, statements_for
 from tracestore.retention import prune as retention
 from tracestore.retention import upkeep as maintenance
 from tracestore.tail import DEFAULT_LOOKBACK, DEFAULT_POLL_LIMIT
@@ -33,8 +34,9 @@ T = TypeVar("T")
 class TraceStore:
     """Stores traces and answers "what did session S do recently?" from the composite index.
 
-    `TraceStore(url_or_engine)` takes a URL (the store owns and disposes the engine) or an existing
-    Engine (SQLite connections get tracestore's pragmas). A database below the head revision is
+    `TraceStore(url_or_engine)` takes a URL (the store owns and disposes the engine) or an application's
+    Engine, whose own connections the store leaves as they are (docs/using.md: what it sets for the length of
+    each of its operations, and WAL). A database below the head revision is
     upgraded on open (`auto_upgrade=True`, the embedded default) or refused with SchemaOutOfDateError.
     `read_engine` (URL or Engine, same rules): reads go there, e.g. to a streaming replica; they see
     what it has replayed, so a write is not promised to be visible to the next read.
@@ -55,18 +57,15 @@ class TraceStore:
         wal_checkpoint_bytes: int = maintenance.WAL_CHECKPOINT_BYTES,
         analyze_every: int = maintenance.STATISTICS_EVERY,
     ) -> None:
-        owned = not isinstance(url_or_engine, Engine)
-        engine = create_engine(url_or_engine) if isinstance(url_or_engine, str) else configure_engine(url_or_engine)
+        owned = isinstance(url_or_engine, str)
+        self._main = StoreEngine(create_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine)
+        engine = self._main.engine
         self._engine = engine
         self._owned = owned
         # Where reads go: the same engine, or `read_engine` (e.g. a streaming replica), owned like the
         # main one when given as a URL. Writes, deletes and the schema check stay on the main engine.
-        self._reader = engine
+        self._reader = self._main
         self._reader_owned = False
-        # Engine views (shared pool): writes BEGIN IMMEDIATE so writers queue on the lock instead of
-        # failing; reads are single statements, each its own snapshot (see engine._on_begin).
-        self._write_engine = engine.execution_options(**{WRITE: True})
-        self._read_engine = engine.execution_options(**read_options(engine.dialect.name))
         self._core = StoreCore(statements_for(engine.dialect.name))
         self._retry_deadline = retry_deadline
         self._upkeep = maintenance.Upkeep.for_engine(
@@ -76,16 +75,17 @@ class TraceStore:
         try:
             if read_engine is not None:
                 self._reader, self._reader_owned = _read_engine(read_engine, engine)
-                self._read_engine = self._reader.execution_options(**read_options(self._reader.dialect.name))
             refuse_missing_database(engine.url, auto_upgrade=auto_upgrade)
-            # True while an upgrade is unfinished (see migrate.ensure_head): session queries then
-            # use the legacy join, which does not depend on the backfilled copy.
-            self._migrating = ensure_head(engine, auto_upgrade=auto_upgrade)
-            if self._reader is not engine and not self._migrating:
+            with tracestore_connection(engine) as connection:
+                # True while an upgrade is unfinished (see migrate.ensure_head): session queries then
+                # use the legacy join, which does not depend on the backfilled copy.
+                self._migrating = ensure_head(connection, auto_upgrade=auto_upgrade)
+            if self._reader is not self._main and not self._migrating:
                 # A replica replays the upgrade after the primary: until its own revision is head it
                 # gets the legacy join too, which returns the same rows at any revision.
                 self._still_migrating()
-        except SQLAlchemyError as exc:
+        # The driver's own errors come from the pragmas set on an application's connection (tracestore.engine).
+        except (SQLAlchemyError, engine.dialect.loaded_dbapi.Error) as exc:
             self.close()
             raise storage_error(f"cannot open {engine.url!r}", exc) from exc
         except BaseException:
@@ -99,20 +99,30 @@ class TraceStore:
     @property
     def read_engine(self) -> Engine:
         """The engine reads go to: `read_engine` if one was given, else `engine`."""
-        return self._reader
+        return self._reader.engine
 
     # -- writes -----------------------------------------------------------------------------------
-    def store(self, trace: TraceContext) -> str:
-        """Insert a trace, or update it in place (its existing session links are kept and re-stamped); its id."""
-        return self._run(self._core.store_batch((trace,)))[0]
+    def store(self, trace: TraceContext, *, connection: Connection | None = None) -> str:
+        """Insert a trace, or update it in place (its existing session links are kept and re-stamped); its id.
 
-    def store_batch(self, traces: Iterable[TraceContext]) -> None:
-        """Store many traces in one transaction: all of them or, on any error, none."""
-        self._run(self._core.store_batch(traces))
+        `connection`: write inside that connection's transaction instead of one of the store's (see
+        store_batch).
+        """
+        return self._write_plan(self._core.store_batch((trace,)), connection)[0]
 
-    def delete(self, trace_id: str) -> bool:
-        """Delete a trace and its session links; False if there was no such trace."""
-        return self._run(self._core.delete(trace_id))
+    def store_batch(self, traces: Iterable[TraceContext], *, connection: Connection | None = None) -> None:
+        """Store many traces in one transaction: all of them or, on any error, none.
+
+        `connection`: a Connection of the application's (on the same database): the statements run inside its
+        transaction (begun if it has none), which commits or rolls them back with the application's own rows.
+        The store then sends no BEGIN or COMMIT, retries nothing and runs no upkeep; a StorageError leaves that
+        transaction to the caller, who should roll it back.
+        """
+        self._write_plan(self._core.store_batch(traces), connection)
+
+    def delete(self, trace_id: str, *, connection: Connection | None = None) -> bool:
+        """Delete a trace and its session links; False if there was no such trace. `connection`: as store_batch."""
+        return self._write_plan(self._core.delete(trace_id), connection)
 
     # -- reads ------------------------------------------------------------------------------------
     def get(self, trace_id: str) -> TraceContext | None:
@@ -204,7 +214,13 @@ class TraceStore:
         return self._run(self._core.explain(session_query(session_uid, since, limit, **filters)))
 
     # -- running plans ------------------------------------------------------------------------------
-    def _run(self, plan: Plan[T]) -> T:
+    def _write_plan(self, plan: Plan[T], connection: Connection | None) -> T:
+        if connection is None:
+            return self._run(plan)
+        check_connection(connection, Connection, self._engine.dialect.name)
+        return self._run(plan, connection)
+
+    def _run(self, plan: Plan[T], connection: Connection | None = None) -> T:
         """Answer each request of a plan (tracestore.core) until it returns."""
         try:
             request = next(plan)
@@ -213,6 +229,8 @@ class TraceStore:
                     answer: Any = self._read(request)
                 elif request is MIGRATING:
                     answer = self._migrating and self._still_migrating()
+                elif connection is not None:
+                    answer = self._write_in(connection, request)
                 else:
                     answer = self._write(request)
                 request = plan.send(answer)
@@ -228,20 +246,23 @@ class TraceStore:
         return result
 
     def _transaction(self, write: Write, attempt: Attempt) -> Any:
-        """One try of a write transaction: its statements on the pooled DBAPI cursor, then COMMIT."""
+        """One try of a write transaction: its statements (tracestore.drive), then COMMIT."""
         try:
-            with self._write_engine.begin() as conn:
-                # Straight to the pooled DBAPI connection, inside SQLAlchemy's transaction: the result
-                # and event machinery of exec_driver_sql cost more than a small batch's inserts.
-                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-                try:
-                    result = _execute_steps(write.steps(), cursor, self._engine)
-                finally:
-                    cursor.close()
+            with self._main.transaction() as conn:
+                result = execute_steps(write.steps(), conn)
                 attempt.committing()
             return result
         except (SQLAlchemyError, self._engine.dialect.loaded_dbapi.Error) as exc:
             raise storage_error(write.failed_at_commit if attempt.at_commit else write.failed, exc) from exc
+
+    def _write_in(self, connection: Connection, write: Write) -> Any:
+        """A write inside the caller's transaction: once, never committed here."""
+        if not connection.in_transaction():
+            connection.begin()  # what SQLAlchemy's autobegin does; the raw path would bypass it
+        try:
+            return execute_steps(write.in_callers_transaction(), connection)
+        except (SQLAlchemyError, self._engine.dialect.loaded_dbapi.Error) as exc:
+            raise storage_error(write.failed_inside, exc) from exc
 
     def _after_write(self) -> None:
         """The writer's SQLite upkeep after a committed write: a WAL checkpoint or fresh statistics when due."""
@@ -260,29 +281,21 @@ class TraceStore:
             upkeep_log.warning("SQLite %s failed (the write itself committed): %s", job, exc)
 
     def _read(self, read: Read) -> list[Any]:
-        query = compiled(read.stmt, self._reader.dialect)
         try:
-            with self._read_engine.connect() as conn:
+            with self._reader.read.connect() as conn:
                 if read.explain or plan_log.isEnabledFor(logging.DEBUG):
                     lines = _plan(conn, read.stmt, read.params)
                     if read.explain:
                         return lines
                     plan_log.debug("plan:\n  %s", "\n  ".join(str(line[-1]) for line in lines))
-                # Straight to the pooled DBAPI connection: SQLAlchemy's CursorResult and Row objects
-                # cost more than the decoding of a big read. The price: no cursor events or echo for reads.
-                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-                try:
-                    cursor.execute(query.sql, query.args(read.params))
-                    return list(cursor.fetchall())
-                finally:
-                    cursor.close()
-        except (SQLAlchemyError, self._reader.dialect.loaded_dbapi.Error) as exc:
+                return fetch_rows(conn, read.stmt, read.params)
+        except (SQLAlchemyError, self._reader.engine.dialect.loaded_dbapi.Error) as exc:
             raise storage_error("explain failed" if read.explain else "query failed", exc) from exc
 
     def _still_migrating(self) -> bool:
         """Re-read the revision where reads go; once it reached head, switch to the fast query for good."""
         try:
-            with self._reader.connect() as conn:
+            with self._reader.engine.connect() as conn:
                 self._migrating = not at_head(conn)
         except SQLAlchemyError as exc:
             raise storage_error("cannot read the schema revision", exc) from exc
@@ -299,7 +312,7 @@ class TraceStore:
             if self._owned:
                 self._engine.dispose()
             if self._reader_owned:
-                self._reader.dispose()
+                self._reader.engine.dispose()
 
     def __enter__(self) -> TraceStore:
         return self
@@ -329,32 +342,17 @@ class TraceStore:
         `dry_run`: count what would go, change nothing. tracestore.retention has the details.
         """
         request = retention.prune_request(older_than, batch_size=batch_size, vacuum=vacuum, dry_run=dry_run)
-        return retention.run(self._engine, request, on_progress, retry_deadline=self._retry_deadline)
+        return retention.run(self._main, request, on_progress, retry_deadline=self._retry_deadline)
 
 
-def _read_engine(read_engine: str | Engine, engine: Engine) -> tuple[Engine, bool]:
+def _read_engine(read_engine: str | Engine, engine: Engine) -> tuple[StoreEngine, bool]:
     """The read engine and whether the store owns it; the same backend as `engine` (the statements are per dialect)."""
-    reader = create_engine(read_engine) if isinstance(read_engine, str) else configure_engine(read_engine)
-    if reader.dialect.name != engine.dialect.name:
+    reader = StoreEngine(create_engine(read_engine) if isinstance(read_engine, str) else read_engine)
+    if reader.engine.dialect.name != engine.dialect.name:
         if isinstance(read_engine, str):
-            reader.dispose()
-        raise StorageError(f"the read engine is {reader.dialect.name}, the store's is {engine.dialect.name}")
+            reader.engine.dispose()
+        raise StorageError(f"the read engine is {reader.engine.dialect.name}, the store's is {engine.dialect.name}")
     return reader, isinstance(read_engine, str)
-
-
-def _execute_steps(steps: Generator[Any, int, T], cursor: Any, engine: Engine) -> T:
-    """Run a write's statements (tracestore.core.Execute) on a DBAPI cursor; each is sent back its row count."""
-    try:
-        request = next(steps)
-        while True:
-            query = compiled(request.stmt, engine.dialect)
-            changed = 0
-            for args, many in driver_calls(query, request):
-                (cursor.executemany if many else cursor.execute)(query.sql, args)
-                changed += cursor.rowcount
-            request = steps.send(changed)
-    except StopIteration as stop:
-        return stop.value  # type: ignore[no-any-return]
 
 
 def _plan(conn: Connection, stmt: Any, params: dict[str, Any]) -> list[Any]:

@@ -53,6 +53,9 @@ class EngineRules:
     # (begin_write) and a migration leaves it free between its steps; else row and table locks (PostgreSQL).
     one_write_lock: bool
     begin_write: str
+    # The isolation level of the store's write transactions on an Engine set to autocommit, where each
+    # statement would otherwise be a transaction of its own.
+    write_isolation_level: str
     # The names of the triggers present, one per row.
     trigger_names_sql: str
 
@@ -84,6 +87,11 @@ class EngineRules:
     def write_setup(self) -> tuple[TextClause, ...]:
         """Statements run first in every write transaction."""
         return ()
+
+    def write_setup_undo(self) -> tuple[tuple[TextClause, ...], tuple[TextClause, ...]]:
+        """(save, restore): statements that keep, before write_setup, what it changes for the transaction, and
+        put it back after the writes; for a write inside a transaction of the caller's, which goes on after it."""
+        return (), ()
 
     def row_key(self, target: Any) -> Any:
         """The cheapest key that finds a row of `target` again within a statement (retention's deletes)."""

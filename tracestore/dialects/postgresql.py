@@ -21,6 +21,9 @@ from tracestore.dialects.base import (
 )
 from tracestore.models import SESSION_TIME_INDEX, TraceSession
 
+# Where a write inside a transaction of the caller's keeps the caller's enable_seqscan (see write_setup_undo).
+SAVED_SEQSCAN = "tracestore.enable_seqscan"
+
 
 class PostgreSQLRules(EngineRules):
     name = "postgresql"
@@ -31,6 +34,7 @@ class PostgreSQLRules(EngineRules):
     explain_prefix = "EXPLAIN "
     one_write_lock = False
     begin_write = "BEGIN"
+    write_isolation_level = "READ COMMITTED"  # the default, which the write statements are built for
     trigger_names_sql = "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal"
 
     def insert(self, target: Table) -> Any:
@@ -71,6 +75,14 @@ class PostgreSQLRules(EngineRules):
         # key lookup, and PL/pgSQL caches the copy triggers' plans per connection, so a plan made while
         # trace_sessions was small (a scan) would stay cached as the table grows.
         return (text("SET LOCAL enable_seqscan = off"),)
+
+    def write_setup_undo(self) -> tuple[tuple[TextClause, ...], tuple[TextClause, ...]]:
+        # The caller's transaction goes on after the store's writes: its own queries get its own setting back.
+        # The saved value lives in a placeholder setting local to the transaction, so no row has to be read.
+        return (
+            (text(f"SELECT set_config('{SAVED_SEQSCAN}', current_setting('enable_seqscan'), true)"),),
+            (text(f"SELECT set_config('enable_seqscan', current_setting('{SAVED_SEQSCAN}'), true)"),),
+        )
 
     def create_triggers(self, names: tuple[str, ...]) -> tuple[TextClause, ...]:
         statements = []

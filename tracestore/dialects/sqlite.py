@@ -48,6 +48,7 @@ class SQLiteRules(EngineRules):
     one_write_lock = True
     # A deferred transaction that later upgrades to a write fails at once in WAL mode instead of waiting.
     begin_write = "BEGIN IMMEDIATE"
+    write_isolation_level = "SERIALIZABLE"  # SQLAlchemy's name for SQLite's own transactions
     trigger_names_sql = "SELECT name FROM sqlite_master WHERE type = 'trigger'"
 
     def insert(self, target: Table) -> Any:

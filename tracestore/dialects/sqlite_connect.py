@@ -1,6 +1,7 @@
 """SQLite's connection setup: the pragmas every connection gets and why each is there, the transaction
 recipe, and what to say when a file cannot be opened (a directory, another kind of file, a read-only
-medium). tracestore.engine installs it on every SQLite engine."""
+medium). tracestore.engine installs it on the SQLite engines tracestore creates; an application's Engine keeps its
+own setup (tracestore.dialects.sqlite_borrow)."""
 
 from __future__ import annotations
 
@@ -39,9 +40,7 @@ SQLITE_PRAGMAS: tuple[tuple[str, str], ...] = (
 
 def _connect_listener(url: URL) -> Callable[[Any, Any], None]:
     """The connect listener of an engine on `url`, which says before any connection whether it may write."""
-    parameters = uri_parameters(url)
-    immutable = _uri_true(parameters.get("immutable", ""))
-    read_only = immutable or parameters.get("mode") == "ro"
+    read_only, immutable = access(url)
 
     def on_connect(dbapi_connection: Any, connection_record: Any) -> None:
         _on_connect(dbapi_connection, read_only=read_only, immutable=immutable, driver=url.drivername)
@@ -57,7 +56,7 @@ def _on_connect(dbapi_connection: Any, *, read_only: bool, immutable: bool, driv
     try:
         for name, value in SQLITE_PRAGMAS:
             if name == "journal_mode":
-                _set_journal_mode(cursor, value, read_only=read_only, immutable=immutable, driver=driver)
+                set_journal_mode(cursor, value, read_only=read_only, immutable=immutable, driver=driver)
             else:
                 cursor.execute(f"PRAGMA {name}={value}")
     finally:
@@ -74,7 +73,7 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 WAL_HEADER_BYTES = 32
 
 
-def _set_journal_mode(cursor: Any, mode: str, *, read_only: bool, immutable: bool, driver: str) -> None:
+def set_journal_mode(cursor: Any, mode: str, *, read_only: bool, immutable: bool, driver: str) -> None:
     """Switch the file to `mode` where the connection can write; a read-only one reads in the file's own mode.
 
     WAL stays the default of every writable file; a read-only file, mount or URL cannot take the header
@@ -243,13 +242,21 @@ def uri_parameters(url: URL) -> dict[str, str]:
     if url.get_backend_name() != "sqlite" or not database.startswith("file:"):
         return {}
     query = {key: value if isinstance(value, str) else value[-1] for key, value in url.query.items()}
-    if not _uri_true(query.get("uri", "")):
+    if not uri_true(query.get("uri", "")):
         return {}
     return {**query, **dict(parse_qsl(database.partition("?")[2]))}
 
 
-def _uri_true(value: str) -> bool:
+def uri_true(value: str) -> bool:
+    """Whether a URI parameter's value means yes, as SQLite reads it."""
     return value.lower() in ("1", "true", "yes", "on")
+
+
+def access(url: URL) -> tuple[bool, bool]:
+    """(read_only, immutable) of a SQLite URL, from its URI parameters: whether a connection may write the file."""
+    parameters = uri_parameters(url)
+    immutable = uri_true(parameters.get("immutable", ""))
+    return immutable or parameters.get("mode") == "ro", immutable
 
 
 def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy: Any) -> None:

@@ -1,7 +1,8 @@
 """Retention: deleting old traces in short batches (`TraceStore.prune`), and what it says about space.
 
 What is deleted: every trace whose own `created_at` is strictly before the cutoff, with its session
-links (ON DELETE CASCADE, in the same statement). A trace created exactly at the cutoff stays.
+links (ON DELETE CASCADE, in the same statement; on an application's SQLite Engine the store turns foreign
+key enforcement on for each batch and back off after it). A trace created exactly at the cutoff stays.
 
 How: oldest first along idx_traces_created_at, at most `batch_size` traces per transaction, each its
 own short write transaction (SQLite: BEGIN IMMEDIATE, then the write lock is left free for the
@@ -16,7 +17,8 @@ steps, and any other file gets the VACUUM advice. PostgreSQL: plain DELETEs; aut
 space reusable.
 
 The stores (TraceStore.prune, AsyncTraceStore.prune) validate with `prune_request` and run `Pruner`
-steps, each in a transaction of their write engine; the statements are in tracestore.retention_queries.
+steps, each in a write transaction of theirs (tracestore.engine.StoreEngine); the statements are in
+tracestore.retention.queries.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tracestore.busy import BUSY_DEADLINE, Attempt, retry_busy, retry_busy_async
-from tracestore.engine import WRITE
+from tracestore.engine import AsyncStoreEngine, StoreEngine
 from tracestore.errors import InvalidQueryError, StorageError, is_disk_full, storage_error
 from tracestore.migrate.online import CheckpointError, pause_for_waiting_writers, restart_wal
 from tracestore.queries import compiled
@@ -186,7 +188,8 @@ class Pruner:
         if self.sqlite and not connection.exec_driver_sql("PRAGMA foreign_keys").scalar():
             raise StorageError(
                 "foreign keys are off on this SQLite connection, so deleting traces would leave their session "
-                "links behind; use an engine configured by tracestore (tracestore.engine.configure_engine)"
+                "links behind; run it in a store's write transaction (tracestore.engine.StoreEngine), which "
+                "turns them on"
             )
         for setup in self._sql.write_setup:
             connection.exec_driver_sql(compiled(setup, connection.dialect).sql)
@@ -301,19 +304,20 @@ def steps(pruner: Pruner, on_progress: OnProgress | None) -> Generator[Step, Any
 
 
 def run(
-    engine: Engine,
+    store_engine: StoreEngine,
     request: PruneRequest,
     on_progress: OnProgress | None = None,
     *,
     retry_deadline: float = BUSY_DEADLINE,
 ) -> PruneReport:
-    """Prune on `engine` (the store's): each step of `steps` in its own transaction, blocking."""
+    """Prune on a store's engine: each step of `steps` in its own transaction, blocking."""
+    engine = store_engine.engine
     pruner = Pruner(engine.dialect.name, request)
     plan = steps(pruner, on_progress)
     try:
         write, step = next(plan)
         while True:
-            result = _write(engine, step, pruner, retry_deadline) if write else _read(engine, step)
+            result = _write(store_engine, step, pruner, retry_deadline) if write else _read(engine, step)
             write, step = plan.send(result)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
@@ -329,16 +333,16 @@ def _read(engine: Engine, step: Callable[[Connection], T]) -> T:
             connection.rollback()
 
 
-def _write(engine: Engine, step: Callable[[Connection], T], pruner: Pruner, retry_deadline: float) -> T:
+def _write(store_engine: StoreEngine, step: Callable[[Connection], T], pruner: Pruner, retry_deadline: float) -> T:
     """Run `step` in one write transaction (retried while other writers hold the lock), then, on SQLite,
     keep the WAL about one batch long and leave the lock free for the writers that queued meanwhile."""
-    write = engine.execution_options(**{WRITE: True})
+    engine = store_engine.engine
     held = 0.0
 
     def attempt_once(attempt: Attempt) -> T:
         nonlocal held
         try:
-            with write.begin() as connection:
+            with store_engine.transaction(foreign_keys=True) as connection:
                 locked = time.monotonic()
                 result = step(connection)
                 attempt.committing()
@@ -359,20 +363,21 @@ def _write(engine: Engine, step: Callable[[Connection], T], pruner: Pruner, retr
 
 
 async def run_async(
-    engine: AsyncEngine,
+    store_engine: AsyncStoreEngine,
     request: PruneRequest,
     on_progress: OnProgress | None = None,
     *,
     retry_deadline: float = BUSY_DEADLINE,
 ) -> PruneReport:
     """`run` for the async store: the same steps, each through run_sync in its own transaction."""
+    engine = store_engine.engine
     pruner = Pruner(engine.dialect.name, request)
     plan = steps(pruner, on_progress)
     try:
         write, step = next(plan)
         while True:
             if write:
-                result = await _write_async(engine, step, pruner, retry_deadline)
+                result = await _write_async(store_engine, step, pruner, retry_deadline)
             else:
                 result = await _read_async(engine, step)
             write, step = plan.send(result)
@@ -392,15 +397,15 @@ async def _read_async(engine: AsyncEngine, step: Callable[[Connection], T]) -> T
 
 
 async def _write_async(
-    engine: AsyncEngine, step: Callable[[Connection], T], pruner: Pruner, retry_deadline: float
+    store_engine: AsyncStoreEngine, step: Callable[[Connection], T], pruner: Pruner, retry_deadline: float
 ) -> T:
-    write = engine.execution_options(**{WRITE: True})
+    engine = store_engine.engine
     held = 0.0
 
     async def attempt_once(attempt: Attempt) -> T:
         nonlocal held
         try:
-            async with write.begin() as connection:
+            async with store_engine.transaction(foreign_keys=True) as connection:
                 locked = time.monotonic()
                 result = await connection.run_sync(step)
                 attempt.committing()

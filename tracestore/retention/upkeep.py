@@ -126,9 +126,15 @@ def refresh_statistics(cursor: Any) -> list[str]:
         if rows and (not known or rows >= known * STALE_FACTOR or rows * STALE_FACTOR <= known):
             stale.append(table)
     if stale:
+        # A setting of the connection, which may be an application's: put back after.
+        cursor.execute("PRAGMA analysis_limit")
+        previous = int(cursor.fetchone()[0])
         cursor.execute(f"PRAGMA analysis_limit={ANALYSIS_LIMIT}")
-        for table in stale:
-            cursor.execute(f"ANALYZE {table}")
+        try:
+            for table in stale:
+                cursor.execute(f"ANALYZE {table}")
+        finally:
+            cursor.execute(f"PRAGMA analysis_limit={previous}")
     return stale
 
 
