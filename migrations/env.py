@@ -18,8 +18,10 @@ from alembic.operations import ops
 from alembic.util import CommandError
 from sqlalchemy import Connection
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from tracestore.engine import WRITE, create_async_engine, create_engine
+from tracestore.errors import driver_reason
 from tracestore.migrate.backfill import ORPHANS_TABLE, PROGRESS_TABLE
 from tracestore.migrate.lock import migration_lock
 from tracestore.migrate.schema import (
@@ -28,6 +30,7 @@ from tracestore.migrate.schema import (
     refuse_dropping_traces,
     session_index_drift,
 )
+from tracestore.migrate.versions import VERSION_TABLE, adopt, follow_in_shared_table
 from tracestore.models import SESSION_TIME_INDEX, Base
 
 config = context.config
@@ -47,8 +50,8 @@ NON_MODEL_TABLES = {PROGRESS_TABLE, ORPHANS_TABLE, "sqlite_stat1", "sqlite_stat4
 
 
 def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
-    if type_ == "table" and name in NON_MODEL_TABLES:
-        return False
+    if type_ == "table" and (name in NON_MODEL_TABLES or (reflected and name not in Base.metadata.tables)):
+        return False  # tracestore's bookkeeping, or an application's own table in a shared database
     # Alembic does not compare a partial index's predicate (nor, on SQLite, DESC); check_session_index does.
     return not (type_ == "index" and name == SESSION_TIME_INDEX and context.get_bind().dialect.name == "sqlite")
 
@@ -132,6 +135,29 @@ def run_on(connection: Connection) -> None:
         connection.execution_options(**{WRITE: was_write})
 
 
+def adopt_previous_release(connection: Connection) -> None:
+    """A previous release's database: its revision into VERSION_TABLE before Alembic reads it there.
+
+    Commands that only read (current, check) try it too, so they see the revision; a database that cannot
+    be written is then left as it is, and Alembic sees no revision.
+    """
+    try:
+        adopt(connection)
+    except DBAPIError as exc:
+        if not migrating():
+            log.warning("cannot adopt the previous release's revision: %s", driver_reason(exc))
+            return
+        raise
+
+
+def migrating() -> bool:
+    try:
+        context.get_revision_argument()
+    except KeyError:  # commands without a destination (current, check, revision --autogenerate)
+        return False
+    return True
+
+
 def run_revisions(connection: Connection) -> None:
     # Never rebuild or touch tables with foreign keys on: SQLite's copy-and-drop of a parent table
     # would cascade and silently delete every trace_sessions row.
@@ -139,6 +165,10 @@ def run_revisions(connection: Connection) -> None:
         context.configure(
             connection=connection,
             target_metadata=Base.metadata,
+            # tracestore's own version table: an application's chain keeps alembic_version to itself.
+            version_table=VERSION_TABLE,
+            # While the previous release still reads tracestore's row in alembic_version, it moves too.
+            on_version_apply=follow_in_shared_table,
             include_object=include_object,
             process_revision_directives=check_session_index,
             compare_type=True,
@@ -149,8 +179,10 @@ def run_revisions(connection: Connection) -> None:
         )
         # Alembic reads the current revision inside run_migrations, so after waiting for another
         # migration of the same file this run starts from where that one stopped.
-        with migration_lock(connection.engine.url), context.begin_transaction():
-            context.run_migrations()
+        with migration_lock(connection.engine.url):
+            adopt_previous_release(connection)
+            with context.begin_transaction():
+                context.run_migrations()
 
 
 async def run_async(url: str) -> None:

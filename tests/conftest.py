@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import URL, create_engine, make_url
 
 from tests.backends import NAMES, Backend
+from tests.wheel import Installed, build_and_install
 from tracestore import AsyncTraceStore, TraceStore
 from tracestore.migrate import upgrade
 
@@ -195,3 +196,10 @@ def pg(pg_url: URL) -> Iterator[Backend]:
 def pg_async_url(pg_url: URL) -> URL:
     """The same database through asyncpg."""
     return pg_url.set(drivername="postgresql+asyncpg")
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """The wheel, built as a user's `pip install` builds it, installed without extras in a fresh virtualenv;
+    built once per test session (building takes ~15 s)."""
+    return build_and_install(tmp_path_factory.mktemp("packaging"))

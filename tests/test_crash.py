@@ -113,7 +113,7 @@ def small_legacy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 # (where the kill lands, statement pattern, occurrence): every step of every revision, before its commit.
 KILL_POINTS = [
-    ("0001 stamping the adopted schema", r"^INSERT INTO alembic_version", 1),
+    ("0001 stamping the adopted schema", r"^INSERT INTO tracestore_alembic_version", 1),
     ("0002 after ADD COLUMN", r"^ALTER TABLE trace_sessions ADD COLUMN", 1),
     ("0002 after the triggers", r"^CREATE TRIGGER", 3),
     ("0002 after dropping idx_trace_sessions_trace", r"^DROP INDEX .*idx_trace_sessions_trace", 1),
@@ -127,7 +127,7 @@ KILL_POINTS = [
     ("0003 after dropping the progress table", r"^DROP TABLE IF EXISTS tracestore_backfill", 1),
     ("0004 after dropping idx_trace_sessions_uid", r"^DROP INDEX .*idx_trace_sessions_uid\b(?!_)", 1),
     ("0004 during ANALYZE", r"^ANALYZE", 1),
-    ("0004 stamping head", r"^UPDATE alembic_version SET version_num='0004'", 1),
+    ("0004 stamping head", r"^UPDATE tracestore_alembic_version SET version_num='0004'", 1),
 ]
 
 

@@ -208,8 +208,8 @@ def schema_objects(backend: Backend) -> list[Any]:
     if not backend.is_sqlite:
         return [row for row in backend.dump()["schema"] if "alembic_version" not in repr(row)]
     rows = backend.rows(
-        "SELECT type, name, sql FROM sqlite_master WHERE name NOT IN ('alembic_version',"
-        " 'sqlite_autoindex_alembic_version_1') AND name NOT LIKE 'sqlite_stat%' ORDER BY name"
+        "SELECT type, name, sql FROM sqlite_master WHERE name NOT IN ('tracestore_alembic_version',"
+        " 'sqlite_autoindex_tracestore_alembic_version_1') AND name NOT LIKE 'sqlite_stat%' ORDER BY name"
     )
     return [(kind, name, "".join(sql.split()) if sql else None) for kind, name, sql in rows]
 

@@ -2,43 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.wheel import Installed, run
 
 pytestmark = pytest.mark.slow
-
-
-def run(*args: str | Path, cwd: Path) -> str:
-    result = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{args}\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
-
-
-@dataclass(frozen=True)
-class Installed:
-    wheel: Path
-    venv: Path
-
-
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
-    """The wheel, built as a user's `pip install` builds it, installed without extras in a fresh virtualenv."""
-    tmp_path = tmp_path_factory.mktemp("packaging")
-    dist = tmp_path / "dist"
-    # sdist first, then the wheel from the sdist: what a user's `pip install` gets, never stale build/ files.
-    run(sys.executable, "-m", "build", "--outdir", dist, ROOT, cwd=tmp_path)
-    (wheel,) = dist.glob("tracestore-*.whl")
-    venv = tmp_path / "venv"
-    run(sys.executable, "-m", "venv", venv, cwd=tmp_path)
-    run(venv / "bin" / "pip", "install", "--quiet", wheel, cwd=tmp_path)
-    return Installed(wheel, venv)
 
 
 def test_wheel_installs_and_upgrades_a_database(installed: Installed, tmp_path: Path) -> None:

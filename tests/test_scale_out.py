@@ -194,7 +194,7 @@ def test_the_store_uses_the_index_only_once_the_replica_has_replayed_the_upgrade
     wait_for_replay(pg_url, standby)
     with replay_paused(replica), TraceStore(primary, read_engine=replica.render_as_string()) as store:
         # Opening it upgraded the primary; the replica has not replayed that yet.
-        assert (current_revision(primary), _scalar(replica, "SELECT version_num FROM alembic_version")) == (
+        assert (current_revision(primary), _scalar(replica, "SELECT version_num FROM tracestore_alembic_version")) == (
             head_revision(),
             "0003",
         )

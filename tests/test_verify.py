@@ -40,7 +40,7 @@ def snapshot(backend: Backend) -> object:
         connection.close()
         return (master, *rows)
     dump: dict[str, object] = dict(backend.dump())
-    for table in ("traces", "trace_sessions", "alembic_version"):
+    for table in ("traces", "trace_sessions", "tracestore_alembic_version"):
         dump[f"{table} ctid, xmin"] = backend.rows(f"SELECT ctid::text, xmin::text FROM {table} ORDER BY ctid")
     dump["functions"] = backend.rows(
         "SELECT proname, prosrc FROM pg_proc WHERE pronamespace = 'public'::regnamespace ORDER BY 1"

@@ -20,6 +20,7 @@ from tracestore.cli.app import (
     url_option,
 )
 from tracestore.migrate.backfill import DEFAULT_BATCH_SIZE
+from tracestore.migrate.versions import VERSION_TABLE
 
 
 @main.command(short_help="Upgrade the schema to head (or --revision); creates a new file.")
@@ -134,6 +135,10 @@ def finalize(settings: Settings, command_url: str | None) -> None:
     """End a rolling deploy: drop the triggers that fill created_at for the previous release's writes, and
     remove the orphan links the upgrade kept whose trace never came.
 
+    On PostgreSQL a legacy schema without the foreign key trace_sessions -> traces gets it (NOT VALID,
+    links without a trace removed, then VALIDATE: writers are not blocked). Last, tracestore's revision
+    leaves alembic_version, where the previous release read it (the table goes if nothing else is in it).
+
     Run it once every instance runs this release. The triggers make each insert slower; the store
     itself never needs them. Safe to run twice, and an interrupted run is finished by the next.
     """
@@ -146,7 +151,11 @@ def finalize(settings: Settings, command_url: str | None) -> None:
         done.append(f"dropped {', '.join(report.dropped)}")
     if report.orphans_removed:
         done.append(f"removed {report.orphans_removed} orphan links whose trace never came")
+    if report.foreign_key:
+        done.append(f"added the foreign key {report.foreign_key} (trace_sessions -> traces)")
+    if report.left_alembic_version:
+        done.append(f"tracestore's revision left alembic_version (now in {VERSION_TABLE} only)")
     if done:
-        out.print(f"Finalized {escape(shown(url))}: {'; '.join(done)}")
+        out.print(f"Finalized {escape(shown(url))}: {escape('; '.join(done))}")
     else:
         out.print(f"{escape(shown(url))} is already finalized: no rolling-deploy triggers")

@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -13,13 +14,12 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import URL, Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from tracestore.engine import create_engine, missing_sqlite_file, sync_url
+from tracestore.engine import create_engine, missing_sqlite_file, sync_url, tracestore_connection
 from tracestore.engine import shown as shown_url
 from tracestore.errors import (
     RevisionError,
@@ -30,9 +30,22 @@ from tracestore.errors import (
     storage_error,
 )
 from tracestore.migrate.backfill import DEFAULT_BATCH_SIZE, remove_kept_orphans
-from tracestore.migrate.lock import migration_running
-from tracestore.migrate.online import ddl_step
-from tracestore.migrate.schema import ROLLING_DEPLOY_TRIGGERS, drop_copy_triggers, rolling_deploy_triggers
+from tracestore.migrate.lock import migration_lock, migration_running
+from tracestore.migrate.online import ddl_step, write_step
+from tracestore.migrate.schema import (
+    ROLLING_DEPLOY_TRIGGERS,
+    drop_copy_triggers,
+    restore_links_foreign_key,
+    rolling_deploy_triggers,
+)
+from tracestore.migrate.versions import (
+    SHARED_VERSION_TABLE,
+    VERSION_TABLE,
+    adopt,
+    read_state,
+    release_shared_row,
+)
+from tracestore.migrate.versions import include_object as include_object
 
 UrlOrEngine = str | Engine
 Target = str | Engine | Connection
@@ -74,7 +87,7 @@ def _run(target: Target, action: Callable[[Config], None], **attributes: Any) ->
         return reports
     engine, owned = _engine(target)
     try:
-        with engine.connect() as connection:
+        with _connect(engine) as connection:
             return _run(connection, action, **attributes)
     except SQLAlchemyError as exc:
         raise migration_storage_error("migration failed", exc) from exc
@@ -104,24 +117,31 @@ def downgrade(target: Target, revision: str, *, drop_data: bool = False) -> None
 
 @dataclass(frozen=True)
 class FinalizeReport:
-    """What `finalize` did: the rolling-deploy triggers it dropped, the kept orphan links it removed."""
+    """What `finalize` did: the rolling-deploy triggers it dropped, the orphan links it removed, the foreign
+    key it added or validated (PostgreSQL), and whether tracestore's row left `alembic_version`."""
 
     dropped: list[str] = field(default_factory=list)
     orphans_removed: int = 0
+    foreign_key: str | None = None
+    left_alembic_version: bool = False
 
 
 def finalize(target: UrlOrEngine, *, batch_size: int = DEFAULT_BATCH_SIZE) -> FinalizeReport:
-    """End the rolling deploy: drop the triggers that stamp the previous release's writes, and delete the
-    orphan links the upgrade kept whose trace never came.
+    """End the rolling deploy, once no instance of the previous release runs any more.
 
-    Run it once no instance of the previous release writes any more. From then on a link inserted
-    without created_at stays NULL and is invisible to session queries until `tracestore verify --fix`.
-    Idempotent, and a killed run is finished by the next; refused below head (the upgrade still
-    needs the triggers).
+    Drops the triggers that stamp the previous release's writes and deletes the orphan links the upgrade
+    kept whose trace never came; on PostgreSQL adds the junction's foreign key where a legacy schema lacks
+    it (NOT VALID, every link without a trace removed, then VALIDATE: writers are never blocked); last,
+    tracestore's row leaves `alembic_version` (the table too, if nothing else is in it).
+
+    From then on a link inserted without created_at stays NULL and is invisible to session queries
+    until `tracestore verify --fix`. Idempotent, and a killed run is finished by the next; refused
+    below head (the upgrade still needs the triggers).
     """
     engine, owned = _engine(target)
     try:
-        with engine.connect() as connection:
+        with _connect(engine) as connection:
+            _adopt(connection, required=True)
             current = current_revision(connection)
             if current != head_revision():
                 raise SchemaOutOfDateError(
@@ -130,7 +150,7 @@ def finalize(target: UrlOrEngine, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Fi
                 )
             present = rolling_deploy_triggers(connection)
             connection.commit()
-        with engine.connect() as connection:
+        with _connect(engine) as connection:
             autocommit = connection.execution_options(isolation_level="AUTOCOMMIT")
             dialect = autocommit.dialect.name
 
@@ -144,9 +164,15 @@ def finalize(target: UrlOrEngine, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Fi
             for name in present:
                 log.info("dropped trigger %s", name)
             removed = remove_kept_orphans(autocommit, batch_size=batch_size)
+            foreign_key, unrecorded = restore_links_foreign_key(autocommit, batch_size=batch_size)
+            removed += unrecorded
         if removed:
-            log.info("removed %d orphan links the upgrade had kept", removed)
-        return FinalizeReport(dropped=present, orphans_removed=removed)
+            log.info("removed %d orphan links", removed)
+        with _connect(engine) as connection:
+            left = _leave_shared_table(connection)
+        return FinalizeReport(
+            dropped=present, orphans_removed=removed, foreign_key=foreign_key, left_alembic_version=left
+        )
     except SQLAlchemyError as exc:
         raise migration_storage_error("finalize failed", exc) from exc
     finally:
@@ -154,22 +180,50 @@ def finalize(target: UrlOrEngine, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Fi
             engine.dispose()
 
 
+def _leave_shared_table(connection: Connection) -> bool:
+    """tracestore's row leaves `alembic_version`, in one transaction, one migration at a time."""
+    if read_state(connection).shared is None:
+        return False
+    if connection.in_transaction():
+        connection.rollback()
+    with migration_lock(connection.engine.url):
+        left = write_step(
+            connection.execution_options(isolation_level="AUTOCOMMIT"),
+            lambda: release_shared_row(connection),
+            what=f"finalize: remove tracestore's row from {SHARED_VERSION_TABLE}",
+        )
+    if left:
+        log.info("tracestore's revision is now in %s only", VERSION_TABLE)
+    return left
+
+
 def current_revision(target: Target) -> str | None:
-    """The revision stamped in the database, or None for an empty or legacy (pre-Alembic) database."""
+    """tracestore's revision of the database, or None for an empty or legacy (pre-Alembic) database.
+
+    Read from tracestore's version table, or, in a previous release's database not adopted yet (read-only,
+    or never opened by this release), from tracestore's row in `alembic_version`.
+    """
     if isinstance(target, Connection):
-        revision = MigrationContext.configure(target).get_current_revision()
+        revision = read_state(target).revision
         if target.in_transaction():
             target.rollback()  # leave the connection idle, ready for a migration
         return revision
     engine, owned = _engine(target)
     try:
+        # A plain connection: a read of the revision must not switch an application's file to WAL.
         with engine.connect() as connection:
-            return MigrationContext.configure(connection).get_current_revision()
+            return read_state(connection).revision
     except SQLAlchemyError as exc:
         raise storage_error("cannot read the schema revision", exc) from exc
     finally:
         if owned:
             engine.dispose()
+
+
+def revision_in(connection: Connection) -> str | None:
+    """tracestore's revision of the database, read on a connection that may be inside the application's
+    transaction: it never commits, rolls back or writes. None for an empty or legacy database."""
+    return read_state(connection).revision
 
 
 # From this revision on the column and its triggers exist, so the store can answer correctly (with
@@ -186,6 +240,11 @@ def ensure_head(target: Engine | Connection, *, auto_upgrade: bool) -> bool:
     database right now; then, as without auto_upgrade, a database past MIGRATING_READS_FROM is
     served with the legacy join until it reaches head (True). Anything older is refused.
     """
+    if isinstance(target, Connection):
+        _adopt(target, required=False)
+    else:
+        with _connect(target) as connection:
+            _adopt(connection, required=False)
     current = current_revision(target)
     head = head_revision()
     if current == head:
@@ -258,6 +317,37 @@ def migration_storage_error(action: str, exc: BaseException) -> StorageError:
         else ""
     )
     return StorageError(f"{action}: {driver_reason(exc)}{advice}")
+
+
+def _adopt(connection: Connection, *, required: bool) -> None:
+    """Adopt a previous release's database (tracestore.migrate.versions), unless a migration is running (it
+    adopts the database itself). Not `required` (a store opening), a database that cannot be written is
+    left as it is: its revision is then read from `alembic_version`."""
+    state = read_state(connection)
+    if connection.in_transaction():
+        connection.rollback()
+    if not state.to_adopt or (not required and migration_running(connection.engine.url)):
+        return
+    try:
+        with migration_lock(connection.engine.url):
+            revision = adopt(connection)
+    except DBAPIError as exc:
+        if required:
+            raise
+        log.warning(
+            "cannot record tracestore's revision in %s (%s): it is read from %s until a write succeeds",
+            VERSION_TABLE,
+            driver_reason(exc),
+            SHARED_VERSION_TABLE,
+        )
+        return
+    if revision is not None:
+        log.info("adopted a previous release's database: revision %s recorded in %s", revision, VERSION_TABLE)
+
+
+def _connect(engine: Engine) -> AbstractContextManager[Connection]:
+    """A connection of `engine` for tracestore's own work (migrations, adoption, finalize), for a `with` block."""
+    return tracestore_connection(engine)
 
 
 def _engine(target: UrlOrEngine) -> tuple[Engine, bool]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -287,19 +287,7 @@ def backfill_postgresql(
     ).scalar_one()
     tracker = _Tracker(total, on_progress)
     orphans = _PG_DELETE_ORPHANS if remove_orphans else _PG_KEEP_ORPHANS
-    while True:
-        lo = {"lo_trace": low[0], "lo_uid": low[1]}
-        bound = connection.execute(_PG_NEXT_BOUND, {**lo, "skip": batch_size - 1}).first()
-        rows_in_batch = batch_size
-        if bound is not None:
-            high = (bound[0], bound[1])
-        else:
-            # Fewer than batch_size rows left: the last batch runs to the current last key.
-            last = connection.execute(_PG_LAST_KEY, lo).first()
-            if last is None:
-                break
-            high, rows_in_batch = (last[0], last[1]), last[2]
-        bounds = {**lo, "hi_trace": high[0], "hi_uid": high[1]}
+    for bounds, rows_in_batch in _pg_batches(connection, low, batch_size):
 
         def batch(bounds: dict[str, str] = bounds) -> tuple[int, int]:
             for setting in _PG_BATCH_SETTINGS:
@@ -311,8 +299,43 @@ def backfill_postgresql(
 
         updated, found = tracker.run(connection, batch)
         tracker.add(rows_in_batch, updated, found, removed=remove_orphans)
-        low = high
     return tracker.finish(connection)
+
+
+def _pg_batches(connection: Connection, low: tuple[str, str], batch_size: int) -> Iterator[tuple[dict[str, str], int]]:
+    """The junction's primary-key ranges of `batch_size` keys after `low`, each as (bounds, rows in it)."""
+    while True:
+        lo = {"lo_trace": low[0], "lo_uid": low[1]}
+        bound = connection.execute(_PG_NEXT_BOUND, {**lo, "skip": batch_size - 1}).first()
+        rows_in_batch = batch_size
+        if bound is not None:
+            high = (bound[0], bound[1])
+        else:
+            # Fewer than batch_size rows left: the last batch runs to the current last key.
+            last = connection.execute(_PG_LAST_KEY, lo).first()
+            if last is None:
+                return
+            high, rows_in_batch = (last[0], last[1]), last[2]
+        yield {**lo, "hi_trace": high[0], "hi_uid": high[1]}, rows_in_batch
+        low = high
+
+
+def remove_orphan_links_postgresql(connection: Connection, *, batch_size: int = DEFAULT_BATCH_SIZE) -> int:
+    """Delete every link whose trace does not exist, recorded or not, one primary-key range per write
+    transaction; the count. For a junction table whose foreign key is being added (NOT VALID, so no new
+    orphan can come): a killed run is finished by the next one, which walks the table again.
+    The connection must be in autocommit mode.
+    """
+    removed = 0
+    for bounds, _ in _pg_batches(connection, ("", ""), batch_size):
+
+        def batch(bounds: dict[str, str] = bounds) -> int:
+            for setting in _PG_BATCH_SETTINGS:
+                connection.exec_driver_sql(setting)
+            return int(connection.execute(_PG_DELETE_ORPHANS, bounds).rowcount)
+
+        removed += write_step(connection, batch, what="finalize: removing links without a trace")
+    return removed
 
 
 # -- finalize: the kept orphans whose trace never came -------------------------------------------------

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import AbstractContextManager
 
-from sqlalchemy import Connection, Index, TextClause, inspect
-from sqlalchemy.schema import CreateIndex, DropIndex
+from sqlalchemy import Connection, ForeignKeyConstraint, Index, TextClause, inspect, text
+from sqlalchemy.schema import AddConstraint, CreateIndex, DropIndex
 
 from tracestore.dialects import rules_for
 from tracestore.dialects.base import FOLLOW_TRIGGER, STAMP_LINK_TRIGGER, STAMP_TRACE_TRIGGER
 from tracestore.dialects.postgresql import index_is_valid
+from tracestore.migrate.backfill import remove_orphan_links_postgresql
+from tracestore.migrate.online import ddl_step
 from tracestore.models import SESSION_TIME_INDEX, Base
+
+log = logging.getLogger("tracestore.migrate")
 
 # Bounded ANALYZE: statistics from a sample of each index, seconds even at 100 GB.
 BOUNDED_ANALYZE = ("PRAGMA analysis_limit=1000", "ANALYZE", "PRAGMA analysis_limit=0")
@@ -134,3 +139,77 @@ def refuse_dropping_traces(connection: Connection, *, drop_data: bool) -> None:
             f"refusing to drop the traces table: it holds {count} traces. Downgrade to 0001 (the legacy "
             "schema) to keep them, or pass drop_data (`-x drop_data=yes`) if dropping them is intended."
         )
+
+
+# -- the junction's foreign key to traces ------------------------------------------------------------
+# A legacy PostgreSQL schema may lack it (its writers committed links before their trace); SQLite's
+# legacy DDL always declared it. `tracestore finalize` adds it once no previous release writes.
+FOREIGN_KEY_VALID, FOREIGN_KEY_NOT_VALID, FOREIGN_KEY_MISSING = "valid", "not valid", "missing"
+
+_PG_LINKS_FOREIGN_KEY = text(
+    "SELECT conname, convalidated FROM pg_constraint WHERE contype = 'f'"
+    " AND conrelid = to_regclass('trace_sessions') AND confrelid = to_regclass('traces')"
+)
+
+
+def links_foreign_key(connection: Connection) -> tuple[str, str | None]:
+    """The state of trace_sessions' foreign key to traces (FOREIGN_KEY_*) and its name (None when missing)."""
+    if connection.dialect.name != "postgresql":
+        for key in inspect(connection).get_foreign_keys("trace_sessions"):
+            if key["referred_table"] == "traces":
+                return FOREIGN_KEY_VALID, key["name"]
+        return FOREIGN_KEY_MISSING, None
+    row = connection.execute(_PG_LINKS_FOREIGN_KEY).first()
+    if row is None:
+        return FOREIGN_KEY_MISSING, None
+    return (FOREIGN_KEY_VALID if row.convalidated else FOREIGN_KEY_NOT_VALID), str(row.conname)
+
+
+def _links_foreign_key_model() -> ForeignKeyConstraint:
+    (key,) = Base.metadata.tables["trace_sessions"].foreign_key_constraints
+    return key
+
+
+def add_links_foreign_key_not_valid(connection: Connection) -> str:
+    """PostgreSQL: ALTER TABLE … ADD CONSTRAINT <the model's foreign key> NOT VALID: checked for new rows from
+    its commit on, without scanning the table (a brief lock, no wait on the rows). Returns its name."""
+    sql = str(AddConstraint(_links_foreign_key_model()).compile(dialect=connection.dialect))
+    connection.exec_driver_sql(f"{sql} NOT VALID")
+    name = links_foreign_key(connection)[1]
+    assert name is not None
+    return name
+
+
+def validate_links_foreign_key(connection: Connection, name: str) -> None:
+    """PostgreSQL: VALIDATE CONSTRAINT scans the table under a lock that lets reads and writes go on."""
+    quoted = connection.dialect.identifier_preparer.quote(name)
+    connection.exec_driver_sql(f"ALTER TABLE trace_sessions VALIDATE CONSTRAINT {quoted}")
+
+
+def restore_links_foreign_key(autocommit: Connection, *, batch_size: int) -> tuple[str | None, int]:
+    """Give trace_sessions its foreign key to traces where a legacy PostgreSQL schema lacks it (for
+    `tracestore finalize`, once no previous release writes links before their trace); returns (its name if
+    added or validated, links removed). The connection must be in autocommit mode.
+
+    NOT VALID first, so no new link without a trace can come while the existing ones are removed in
+    batches (recorded or not); VALIDATE then scans without blocking writers. A NOT VALID key left by a
+    killed run is finished here. Nothing to do where the key is valid (always on SQLite).
+    """
+    state, name = links_foreign_key(autocommit)
+    if state == FOREIGN_KEY_VALID:
+        return None, 0
+    if state == FOREIGN_KEY_MISSING:
+        # ALTER TABLE locks both tables briefly (no scan): bounded waits, in the application's order.
+        locks = (("traces", "SHARE ROW EXCLUSIVE"), ("trace_sessions", "SHARE ROW EXCLUSIVE"))
+        name = ddl_step(
+            autocommit,
+            lambda: add_links_foreign_key_not_valid(autocommit),
+            what="add the foreign key trace_sessions -> traces (NOT VALID)",
+            locks=locks,
+        )
+        log.info("added foreign key %s NOT VALID", name)
+    assert name is not None
+    removed = remove_orphan_links_postgresql(autocommit, batch_size=batch_size)
+    validate_links_foreign_key(autocommit, name)
+    log.info("validated foreign key %s (%d links without a trace removed first)", name, removed)
+    return name, removed

@@ -25,18 +25,22 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from tracestore import migrate
-from tracestore.engine import create_engine, missing_sqlite_file, shown, sync_url
+from tracestore.engine import create_engine, missing_sqlite_file, shown, sync_url, tracestore_connection
 from tracestore.errors import StorageError, storage_error
 from tracestore.migrate.backfill import DEFAULT_BATCH_SIZE, PROGRESS_TABLE, backfill
 from tracestore.migrate.online import ddl_step
 from tracestore.migrate.schema import (
     BOUNDED_ANALYZE,
+    FOREIGN_KEY_MISSING,
+    FOREIGN_KEY_VALID,
     REQUIRED_TRIGGERS,
     create_copy_triggers,
     create_session_index,
     drop_session_index,
     freed_pages_not_zeroed,
+    links_foreign_key,
     missing_copy_triggers,
+    restore_links_foreign_key,
     rolling_deploy_triggers,
     session_index_drift,
 )
@@ -147,7 +151,8 @@ def verify(
             report.not_repaired = _refusal(found, report.dialect)
             if report.not_repaired is not None:
                 return report
-            with engine.connect() as connection, freed_pages_not_zeroed(connection):
+            # Repairs write in explicit transactions: on an application's Engine, set up as migrations are.
+            with tracestore_connection(engine) as connection, freed_pages_not_zeroed(connection):
                 report.repairs = _repair(connection, found, batch_size=batch_size, on_progress=on_progress)
             with engine.connect() as connection:
                 report.checks = run_checks(connection)
@@ -453,25 +458,57 @@ def _pg_foreign_key_check(connection: Connection, *, finalized: bool = True) -> 
             columns = ", ".join(quote(child) for child in key["constrained_columns"])
             for values in connection.exec_driver_sql(f"SELECT {columns}{from_where} LIMIT {SAMPLE_ROWS}"):
                 details.append(f"{table} {tuple(values)!r} -> {key['referred_table']} ({key['name']})")
-    return _foreign_key_result(connection, count, details, only_links=only_links, finalized=finalized)
+    missing_key = None
+    if "trace_sessions" in tables:
+        state, name = links_foreign_key(connection)
+        if state != FOREIGN_KEY_VALID:
+            # A legacy schema without the key: the links it would refuse are counted here all the same.
+            missing_key = (
+                "the foreign key trace_sessions -> traces is missing"
+                if state == FOREIGN_KEY_MISSING
+                else f"the foreign key {name} is NOT VALID"
+            )
+            found = connection.execute(text("SELECT count(*)" + _ORPHANED)).scalar_one()
+            count += found
+            sample = connection.execute(
+                text("SELECT ts.trace_id, ts.session_uid" + _ORPHANED + " LIMIT :n"), {"n": SAMPLE_ROWS}
+            )
+            details += [f"trace_sessions {tuple(values)!r} -> traces (no foreign key)" for values in sample]
+    return _foreign_key_result(
+        connection, count, details, only_links=only_links, finalized=finalized, missing_key=missing_key
+    )
 
 
 def _foreign_key_result(
-    connection: Connection, count: int, details: list[str], *, only_links: bool, finalized: bool
+    connection: Connection,
+    count: int,
+    details: list[str],
+    *,
+    only_links: bool,
+    finalized: bool,
+    missing_key: str | None = None,
 ) -> Check:
-    """The foreign-key check's outcome; links without their trace are kept (ok) before finalize."""
+    """The foreign-key check's outcome. Before finalize, links without their trace and a legacy schema's
+    missing junction key are kept (ok): a previous release may still write links before their trace."""
     title = _title(connection, FOREIGN_KEYS)
-    if not count:
+    if not count and missing_key is None:
         return Check(FOREIGN_KEYS, title, ok=True)
-    check = Check(
+    if only_links and not finalized:
+        kept = [KEPT_ORPHANS.format(count=count)] if count else []
+        if missing_key is not None:
+            kept.insert(0, f"{missing_key}: kept, `tracestore finalize` adds it once no previous release writes")
+        return Check(FOREIGN_KEYS, title, ok=True, count=count, details=(*kept, *details[:SAMPLE_ROWS]))
+    problems = [f"{missing_key} (`tracestore verify --fix` adds it)"] if missing_key is not None else []
+    if count:
+        problems.append(f"{count} rows reference a missing parent")
+    return Check(
         FOREIGN_KEYS,
         title,
         ok=False,
-        problem=f"{count} rows reference a missing parent",
-        count=count,
+        problem="; ".join(problems),
+        count=max(count, 1),
         details=tuple(details[:SAMPLE_ROWS]),
     )
-    return _kept(check) if only_links and not finalized else check
 
 
 def _repair(
@@ -524,6 +561,12 @@ def _repair(
             f"set created_at of {report.rows_updated} links and {orphans} ({report.rows_scanned} links scanned in "
             f"batches of {batch_size}, {time.monotonic() - started:.2f} s)"
         )
+        if FOREIGN_KEYS in failing and finalized:
+            key, removed = restore_links_foreign_key(autocommit, batch_size=batch_size)
+            if key is not None:
+                repairs.append(
+                    f"added foreign key {key} (NOT VALID, {removed} links without a trace removed, VALIDATE)"
+                )
     return repairs
 
 
