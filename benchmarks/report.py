@@ -154,7 +154,9 @@ def _size_table(points: list[dict[str, Any]]) -> str:
     return "\n".join([head, *rows])
 
 
-def markdown(results: dict[str, Any], points: list[dict[str, Any]], images: list[Path]) -> str:
+def markdown(
+    results: dict[str, Any], points: list[dict[str, Any]], images: list[Path], orm_path: dict[str, Any] | None = None
+) -> str:
     data, machine, config = results["data"], results.get("machine", {}), results["config"]
     lines = [Line(**line) for line in results["lines"]] + size_lines(points)
     upgrade = results["upgrade"]
@@ -192,7 +194,9 @@ def markdown(results: dict[str, Any], points: list[dict[str, Any]], images: list
     for name, steps in results.get("plans", {}).items():
         parts += [f"- {name}: " + " / ".join(f"`{step}`" for step in steps)]
     parts += postgresql_section(results)
+    parts += orm_path_section(orm_path)
     problems = results["problems"] + [problem for point in points for problem in point["problems"]]
+    problems += orm_path["problems"] if orm_path else []
     if problems:
         parts += ["", "## WRONG RESULTS (timings void)", "", *[f"- {problem}" for problem in problems]]
     return "\n".join(parts) + "\n"
@@ -270,13 +274,33 @@ def postgresql_section(results: dict[str, Any]) -> list[str]:
     return parts
 
 
+def orm_path_section(orm_path: dict[str, Any] | None) -> list[str]:
+    """The ORM path's table (orm_path.py), when the suite ran it."""
+    if orm_path is None:
+        return []
+    data, config = orm_path["data"], orm_path["config"]
+    return [
+        "",
+        "## The ORM path",
+        "",
+        f"`tracestore.orm.recent_traces` read as `Trace` entities through an application's own Session (a Session"
+        f" per call, on a plain `sqlalchemy.create_engine` Engine), against plain sqlite3 running the same SQL on"
+        f" the same file, rows decoded into tuples (benchmarks/orm_path.py). {data['traces']:,} traces generated at"
+        f" head and finalized, hot session {data['hot_traces']:,}; medians of {config['runs']} interleaved rounds.",
+        "",
+        markdown_table([Line(**line) for line in orm_path["lines"]]),
+    ]
+
+
 def build(out: Path) -> list[Path]:
-    """Write results.md and the plots from out/results.json (and the size-*.json it names)."""
+    """Write results.md and the plots from out/results.json (and the size-*.json and orm-path.json it names)."""
     results = json.loads((out / "results.json").read_text())
     points = size_points(out, results)
     images = plots(out, results, points)
+    orm_file = results.get("orm_path_file")
+    orm_path = json.loads((out / orm_file).read_text()) if orm_file else None
     page = out / "results.md"
-    page.write_text(markdown(results, points, images))
+    page.write_text(markdown(results, points, images, orm_path))
     return [page, *images]
 
 

@@ -4,10 +4,11 @@
 
 Runs bench_query.py once per smaller size of the ladder 100K / 1M / 10M (`--sections queries`) and once
 in full at `--scale` (with the PostgreSQL part when TRACESTORE_PG_URL names a server: `make bench` runs
-under scripts/with-postgres), each in its own process, then writes into `--out` (default
-benchmarks/results/<scale>/): results.json (every measurement, the machine, the sizes),
-results.txt (the full printed table and query plans) and, through report.py, results.md and the PNG
-plots. Exit status: the worst of the runs' (2 = some variant returned different rows).
+under scripts/with-postgres), then orm_path.py at `--scale`, each in its own process, then writes into
+`--out` (default benchmarks/results/<scale>/): results.json (every measurement, the machine, the sizes),
+results.txt (the full printed table and query plans), orm-path.json and orm-path.txt (the ORM path) and,
+through report.py, results.md and the PNG plots. Exit status: the worst of the runs' (2 = some variant
+returned different rows).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import report
 from common import DEFAULT_WORKDIR, RESULTS_DIR, git_revision, parse_scale, scale_name
 
 BENCH = Path(__file__).resolve().parent / "bench_query.py"
+ORM_PATH = Path(__file__).resolve().parent / "orm_path.py"
 LADDER = (100_000, 1_000_000, 10_000_000)
 
 
@@ -60,9 +62,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run_bench(arguments: list[str], *, log: Path | None = None) -> int:
-    """One bench_query.py process; its table goes to the terminal and, for the full run, to `log`."""
-    command = [sys.executable, str(BENCH), *arguments]
+def run_bench(arguments: list[str], *, log: Path | None = None, script: Path = BENCH) -> int:
+    """One bench_query.py (or `script`) process; its table goes to the terminal and, for a full run, to `log`."""
+    command = [sys.executable, str(script), *arguments]
     print(f"$ {' '.join(command[1:])}", file=sys.stderr, flush=True)
     if log is None:
         return subprocess.run(command, check=False).returncode
@@ -114,9 +116,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"the full run wrote no {results}", file=sys.stderr)
         return max(statuses) or 1
 
+    # The ORM path (tracestore.orm through an application's Session) on a file of its own at the same scale.
+    orm_path = out / "orm-path.json"
+    orm_path.unlink(missing_ok=True)
+    orm_arguments = ["--scale", str(args.scale), "--json", str(orm_path), *common]
+    statuses.append(run_bench(orm_arguments, log=out / "orm-path.txt", script=ORM_PATH))
+
     data = json.loads(results.read_text())
     data["machine"] = machine()
     data["size_files"] = size_files
+    if orm_path.exists():
+        data["orm_path_file"] = orm_path.name
     results.write_text(json.dumps(data, indent=2))
     written = report.build(out)
     print(f"\nwrote {', '.join(str(path) for path in written)}", file=sys.stderr)

@@ -39,6 +39,7 @@ def test_bench_suite_writes_the_table_json_markdown_and_plots(tmp_path: Path) ->
         "write rows/s, store_batch / legacy INSERTs",
         "reader threads + 1 writer",
         "reader tasks + 1 writer",
+        "ORM entities / raw floor, latest 100",
     ):
         assert label in result.stdout
     assert "idx_trace_sessions_uid_time" in result.stdout
@@ -54,7 +55,11 @@ def test_bench_suite_writes_the_table_json_markdown_and_plots(tmp_path: Path) ->
     size_run = json.loads((out / report["size_files"][0]).read_text())
     assert size_run["data"]["traces"] < report["data"]["traces"] and size_run["problems"] == []
 
+    orm = json.loads((out / "orm-path.json").read_text())
+    assert orm["problems"] == [] and orm["rows"]["latest"] == 100
+
     page = (out / "results.md").read_text()
+    assert "## The ORM path" in page
     assert "| sync store / raw, latest 100 |" in page and "## Latency against database size" in page
     for image in ("latency_vs_size_window", "latency_vs_size_latest", "latency_vs_window", "latency_vs_limit"):
         assert (out / f"{image}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

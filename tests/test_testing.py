@@ -137,7 +137,7 @@ def test_made_traces_round_trip_through_the_store(store: TraceStore) -> None:
 # -- ORM model factories ----------------------------------------------------------------------------
 def test_model_factories_build_without_a_database() -> None:
     trace = TraceFactory.build(payload={"k": 1})
-    assert trace.data == '{"k":1}' and trace.metadata_ == "{}"
+    assert trace.data == {"k": 1} and trace.metadata_ == {}
     assert trace.updated_at == trace.created_at
     link = TraceSessionFactory.build(session_uid="s")
     assert link.session_uid == "s" and link.created_at is not None
@@ -175,7 +175,7 @@ def test_model_rows_are_readable_by_the_store(trace_db_session: Session, trace_s
             TraceSession, TraceSession.trace_id == Trace.id
         )
     ).one()
-    assert (orjson.loads(row.data), orjson.loads(row.metadata_), row.session_uid) == ({"step": 1}, {}, "s1")
+    assert (row.data, row.metadata_, row.session_uid) == ({"step": 1}, {}, "s1")
     assert row.created_at == trace.created_at
 
 
@@ -183,9 +183,9 @@ def test_trace_session_factory_links(trace_db_session: Session) -> None:
     made = TraceSessionFactory()  # makes its own trace
     assert trace_db_session.scalar(select(func.count()).select_from(Trace)) == 1
     assert made.created_at == trace_db_session.get(Trace, made.trace_id).created_at  # type: ignore[union-attr]
-    # An existing trace by id: no new trace, and created_at NULL like a pre-0002 link unless given.
+    # An existing trace by id: no new trace, and created_at read from it when the link is inserted.
     by_id = TraceSessionFactory(trace_id=made.trace_id, session_uid="other")
-    assert by_id.created_at is None
+    assert by_id.created_at == made.created_at
     assert trace_db_session.scalar(select(func.count()).select_from(Trace)) == 1
     assert trace_db_session.scalar(select(func.count()).select_from(TraceSession)) == 2
 

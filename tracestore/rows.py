@@ -9,7 +9,7 @@ import orjson
 
 from tracestore.errors import InvalidQueryError, InvalidTraceError, StorageError
 from tracestore.queries import TRACE_COLUMNS, Statements
-from tracestore.types import TraceContext
+from tracestore.types import TraceContext, encode_json, refuse_nul_text
 
 _loads = orjson.loads
 _CREATED_AT = TRACE_COLUMNS.index("created_at")
@@ -45,8 +45,8 @@ class WriteBatch:
                 trace_id,
                 trace.context_type,
                 trace.namespace,
-                _dumps("data", trace),
-                _dumps("metadata", trace),
+                encode_json(trace.data, "data", trace_id),
+                encode_json(trace.metadata, "metadata", trace_id),
                 trace.created_at,
                 trace.updated_at,
             )
@@ -63,18 +63,13 @@ class WriteBatch:
 def refuse_nul(batch: WriteBatch) -> None:
     """PostgreSQL's text cannot hold NUL (SQLite's can): one clear error before the database is touched.
 
-    Payloads never carry one (JSON text escapes it); identifiers can. The write statements bind arrays
-    in binary, where the server's own refusal only says "invalid byte sequence for encoding UTF8: 0x00".
+    The write statements bind arrays in binary, where the server's own refusal would not name the trace.
     """
     for row in batch.traces:
         for name, value in zip(TRACE_COLUMNS[:3], row, strict=False):  # id, context_type, namespace
-            if "\x00" in value:
-                raise InvalidTraceError(f"trace {row[0]!r}: {name} contains NUL, which PostgreSQL text cannot store")
+            refuse_nul_text(value, name, row[0])
     for trace_id, uid, _ in batch.links:
-        if "\x00" in uid:
-            raise InvalidTraceError(
-                f"trace {trace_id!r}: session uid {uid!r} contains NUL, which PostgreSQL cannot store"
-            )
+        refuse_nul_text(uid, "session uid", trace_id)
 
 
 def refuse_nul_arguments(statements: Statements, params: dict[str, Any]) -> None:
@@ -86,22 +81,6 @@ def refuse_nul_arguments(statements: Statements, params: dict[str, Any]) -> None
         if isinstance(value, str) and "\x00" in value:
             shown_name = "the cursor's trace id" if name == "after_trace_id" else name.rstrip("_0123456789")
             raise InvalidQueryError(f"{shown_name} contains NUL, which PostgreSQL text cannot hold: {value!r}")
-
-
-def _dumps(field_name: str, trace: TraceContext) -> str:
-    value = getattr(trace, field_name)
-    try:
-        encoded = orjson.dumps(value)
-    except (TypeError, orjson.JSONEncodeError) as exc:
-        raise InvalidTraceError(f"trace {trace.id!r}: {field_name} is not JSON-serializable: {exc}") from exc
-    # orjson quietly turns NaN/inf into null, datetimes/UUIDs into strings, tuples into lists, dataclasses
-    # into dicts: refuse what would not come back equal, so get(t.id) == t always holds.
-    if _loads(encoded) != value:
-        raise InvalidTraceError(
-            f"trace {trace.id!r}: {field_name} would not survive a JSON round trip "
-            "(NaN/inf, tuples, datetimes, UUIDs or other non-JSON values); convert it to plain JSON types"
-        )
-    return encoded.decode()
 
 
 def decode_row(row: Sequence[Any]) -> TraceContext:

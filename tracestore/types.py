@@ -104,6 +104,39 @@ def check_identifier(name: str, value: object) -> str:
     return value
 
 
+def encode_json(value: JSONValue, field: str, trace_id: str | None = None) -> str:
+    """`value` as the compact JSON text tracestore stores (a trace's data or metadata, from the store or the ORM).
+
+    InvalidTraceError naming the field (and the trace) unless the text decodes back to an equal value:
+    orjson quietly turns NaN/inf into null, datetimes and UUIDs into strings, tuples into lists and
+    dataclasses into dicts, and such a value would not come back as it was given.
+    """
+    try:
+        encoded = orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise InvalidTraceError(f"{_named(field, trace_id)} is not JSON-serializable: {exc}") from exc
+    if orjson.loads(encoded) != value:
+        raise InvalidTraceError(
+            f"{_named(field, trace_id)} would not survive a JSON round trip "
+            "(NaN/inf, tuples, datetimes, UUIDs or other non-JSON values); convert it to plain JSON types"
+        )
+    return encoded.decode()
+
+
+def refuse_nul_text(value: str, field: str, trace_id: str | None = None) -> None:
+    """InvalidTraceError if `value` holds NUL, which PostgreSQL's text cannot store (SQLite's can).
+
+    Said before the database is touched: the server's own refusal only says "invalid byte sequence for
+    encoding UTF8: 0x00". Payloads never carry one (JSON text escapes it); identifiers can.
+    """
+    if "\x00" in value:
+        raise InvalidTraceError(f"{_named(field, trace_id)} contains NUL, which PostgreSQL text cannot store")
+
+
+def _named(field: str, trace_id: str | None) -> str:
+    return field if trace_id is None else f"trace {trace_id!r}: {field}"
+
+
 def _normalize_sessions(session_uids: Iterable[str]) -> tuple[str, ...]:
     if type(session_uids) is tuple and _is_normalized(session_uids):
         return session_uids  # what construction left behind: validate() then re-checks it without a set and a sort

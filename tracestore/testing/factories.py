@@ -22,7 +22,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import factory.random
-import orjson
 from factory.alchemy import SQLAlchemyModelFactory
 from factory.base import Factory
 from factory.declarations import LazyAttribute, LazyFunction, PostGeneration, SelfAttribute, SubFactory
@@ -89,7 +88,8 @@ def bound_session() -> Session:
 class TraceFactory(SQLAlchemyModelFactory):
     """A `traces` row. `TraceFactory(sessions=[...])` also links it to those sessions.
 
-    `data` is the JSON text of the `payload` parameter (a dict); `metadata_` maps the `metadata` column.
+    `data` is the `payload` parameter (a dict of about DEFAULT_PAYLOAD_BYTES once encoded); `metadata_`
+    maps the `metadata` column. Both are JSON values, as the model takes them.
     """
 
     class Meta:
@@ -104,8 +104,8 @@ class TraceFactory(SQLAlchemyModelFactory):
     id = LazyAttribute(lambda o: synthetic_trace_id(o.created_at))
     context_type = LazyFunction(lambda: _rng.choice(CONTEXT_TYPES))
     namespace = LazyFunction(lambda: _rng.choice(NAMESPACES))
-    data = LazyAttribute(lambda o: orjson.dumps(o.payload).decode())
-    metadata_ = "{}"
+    data = SelfAttribute("payload")
+    metadata_ = LazyFunction(dict)
     created_at = LazyFunction(time.time)
     updated_at = SelfAttribute("created_at")
 
@@ -120,7 +120,8 @@ class TraceSessionFactory(SQLAlchemyModelFactory):
     """A `trace_sessions` link, stamped with its trace's created_at as the store does.
 
     Links a new TraceFactory trace unless given `trace=` (a Trace) or `trace_id=`; with a bare
-    `trace_id` and no `created_at`, created_at stays NULL, like a link written before revision 0002.
+    `trace_id` and no `created_at`, the model reads the trace's created_at when the link is inserted
+    (it stays NULL only when there is no such trace yet, like a link written before its trace).
     """
 
     class Meta:
