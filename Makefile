@@ -24,8 +24,8 @@ test: venv  ## run the whole test suite (PostgreSQL tests on a throwaway cluster
 	scripts/with-postgres $(BIN)/pytest
 
 lint: venv  ## ruff check, ruff format --check, and mypy --strict on tracestore/ and migrations/
-	$(BIN)/ruff check tracestore migrations tests benchmarks
-	$(BIN)/ruff format --check tracestore migrations tests benchmarks
+	$(BIN)/ruff check tracestore migrations tests benchmarks examples
+	$(BIN)/ruff format --check tracestore migrations tests benchmarks examples
 	$(BIN)/mypy
 
 bench: venv  ## the benchmark suite: JSON, table and plots into benchmarks/results/$(SCALE)/ (SCALE=1m ~ 4 min; 10m ~ 25 min)
