@@ -45,11 +45,9 @@ from typing import Any
 
 from common import (
     DEFAULT_WORKDIR,
-    HOT_UID,
-    NOW,
-    WINDOW_S,
     checkpoint,
     copy_db,
+    data_options,
     finish,
     git_revision,
     parse_scale,
@@ -214,15 +212,7 @@ class Bench:
     # 1. data: the options and file name of bench_query.py's legacy_file, so a kept file is shared
     def legacy_file(self) -> GenerateReport:
         traces = self.args.scale
-        options: dict[str, Any] = {
-            "traces": traces,
-            "seed": self.args.seed,
-            "hot_session_share": 0.1,
-            "hot_session_uid": HOT_UID,
-            "recent_burst": min(1000, max(1, round(traces * 0.1) // 10)),
-            "recent_window_s": WINDOW_S,
-            "now": NOW,
-        }
+        options = data_options(traces, self.args.seed)
         path = self.workdir / f"legacy-{traces}-seed{self.args.seed}.db"
         sidecar = path.with_suffix(".json")
         if self.args.keep and path.exists() and sidecar.exists():

@@ -48,13 +48,13 @@ from common import (
     DEFAULT_WORKDIR,
     HOT_UID,
     LATEST,
-    NOW,
     WINDOW_S,
     Line,
     Timing,
     checkpoint,
     connect,
     copy_db,
+    data_options,
     finish,
     git_revision,
     interleaved,
@@ -111,16 +111,7 @@ class Bench:
     # 1. data
     def legacy_file(self) -> GenerateReport:
         traces = self.args.scale
-        hot = round(traces * 0.1)
-        options: dict[str, Any] = {
-            "traces": traces,
-            "seed": self.args.seed,
-            "hot_session_share": 0.1,
-            "hot_session_uid": HOT_UID,
-            "recent_burst": min(1000, max(1, hot // 10)),
-            "recent_window_s": WINDOW_S,
-            "now": NOW,
-        }
+        options = data_options(traces, self.args.seed)
         path = self.workdir / f"legacy-{traces}-seed{self.args.seed}.db"
         sidecar = path.with_suffix(".json")
         if self.args.keep and path.exists() and sidecar.exists():

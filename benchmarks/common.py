@@ -44,6 +44,20 @@ class Timing:
         return cls(statistics.median(ordered) / 1e6, ordered[0] / 1e6, len(ordered), p99)
 
 
+def data_options(traces: int, seed: int) -> dict[str, Any]:
+    """The generator options of the benchmarks' data set: a hot session with a tenth of the traces and a burst in
+    its last WINDOW_S seconds, at a fixed NOW (the scripts share a kept file when these match)."""
+    return {
+        "traces": traces,
+        "seed": seed,
+        "hot_session_share": 0.1,
+        "hot_session_uid": HOT_UID,
+        "recent_burst": min(1000, max(1, round(traces * 0.1) // 10)),
+        "recent_window_s": WINDOW_S,
+        "now": NOW,
+    }
+
+
 def rounds(names: list[str], runs: int) -> list[list[str]]:
     # Rotate the order every round, so no variant always runs first or right after the same other one.
     return [names[r % len(names) :] + names[: r % len(names)] for r in range(runs)]

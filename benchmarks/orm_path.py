@@ -35,10 +35,10 @@ from common import (
     DEFAULT_WORKDIR,
     HOT_UID,
     LATEST,
-    NOW,
     WINDOW_S,
     Line,
     connect,
+    data_options,
     finish,
     git_revision,
     interleaved,
@@ -77,15 +77,7 @@ class OrmBench:
     def data(self) -> GenerateReport:
         """A head-schema file, finalized; with --keep, reused when its options match."""
         traces = self.args.scale
-        options: dict[str, Any] = {
-            "traces": traces,
-            "seed": self.args.seed,
-            "hot_session_share": 0.1,
-            "hot_session_uid": HOT_UID,
-            "recent_burst": min(1000, max(1, round(traces * 0.1) // 10)),
-            "recent_window_s": WINDOW_S,
-            "now": NOW,
-        }
+        options = data_options(traces, self.args.seed)
         path = self.args.workdir / f"orm-head-{traces}-seed{self.args.seed}.db"
         sidecar = path.with_suffix(".json")
         if self.args.keep and path.exists() and sidecar.exists():
