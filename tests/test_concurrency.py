@@ -18,6 +18,7 @@ from sqlalchemy import event
 
 from tests.backends import Backend
 from tracestore import TraceStore
+from tracestore.engine import create_engine
 from tracestore.errors import StorageBusyError, StorageError
 from tracestore.testing import make_traces
 
@@ -140,3 +141,19 @@ def test_locked_at_commit_is_not_retried(db_path: Path) -> None:
         assert not isinstance(raised.value, StorageBusyError)
         holder.join()
     assert count(db_path) == 1  # SQLAlchemy rolled the uncommitted batch back
+
+
+def test_opening_a_rollback_journal_file_waits_for_its_writer_to_switch_it_to_wal(tmp_path: Path) -> None:
+    # Leaving a rollback journal needs the exclusive lock, and SQLite answers "database is locked" at once, with
+    # no busy handler, while a writer (here a previous release on a file not yet in WAL) holds the file.
+    path = tmp_path / "legacy.db"
+    with sqlite3.connect(path) as legacy:
+        legacy.execute("CREATE TABLE traces (id TEXT PRIMARY KEY)")
+    holder = hold(path, "write", 0.5)
+    try:
+        engine = create_engine(f"sqlite:///{path}")
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        engine.dispose()
+    finally:
+        holder.join()

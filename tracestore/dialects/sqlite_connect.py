@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote
@@ -65,12 +66,15 @@ def _on_connect(dbapi_connection: Any, *, read_only: bool, immutable: bool, driv
 
 # SQLite's primary result codes (the low byte of an extended code) that the connect hook tells apart.
 SQLITE_CANTOPEN = 14
+SQLITE_BUSY = 5
 SQLITE_READONLY = 8
 SQLITE_NOTADB = 26
 # The first 16 bytes of every SQLite database file.
 SQLITE_HEADER = b"SQLite format 3\x00"
 # A -wal file no longer than its header holds no transaction.
 WAL_HEADER_BYTES = 32
+# How long the journal-mode switch waits for a competing writer: busy_timeout's 5000 ms.
+BUSY_WAIT = int(dict(SQLITE_PRAGMAS)["busy_timeout"]) / 1000
 
 
 def set_journal_mode(cursor: Any, mode: str, *, read_only: bool, immutable: bool, driver: str) -> None:
@@ -84,7 +88,7 @@ def set_journal_mode(cursor: Any, mode: str, *, read_only: bool, immutable: bool
         _refuse_unseen_wal(_main_file(cursor))
     try:
         # A read-only URL only asks: SQLite would refuse the switch anyway, and asking still opens the file.
-        cursor.execute("PRAGMA journal_mode" if read_only else f"PRAGMA journal_mode={mode}")
+        _execute_while_busy(cursor, "PRAGMA journal_mode" if read_only else f"PRAGMA journal_mode={mode}")
     except Exception as exc:  # the driver's own error class: sqlite3's, or another SQLite driver's
         code = _primary_code(exc)
         if code not in (SQLITE_READONLY, SQLITE_CANTOPEN, SQLITE_NOTADB):
@@ -101,12 +105,32 @@ def set_journal_mode(cursor: Any, mode: str, *, read_only: bool, immutable: bool
         # A read-only file or mount: reads work in the file's own mode, writes fail with this same reason.
 
 
+def _execute_while_busy(cursor: Any, statement: str) -> None:
+    """Run `statement`, trying again while another connection holds the lock it needs, up to BUSY_WAIT seconds.
+
+    Leaving a rollback journal for WAL needs the exclusive lock, and SQLite returns SQLITE_BUSY at once, without
+    its busy handler, when a writer holds the file (waiting could deadlock): the wait busy_timeout gives every
+    other statement is given here instead.
+    """
+    deadline = time.monotonic() + BUSY_WAIT
+    while True:
+        try:
+            cursor.execute(statement)
+            return
+        except Exception as exc:  # the driver's own error class
+            if _primary_code(exc) != SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.01)
+
+
 def _primary_code(exc: BaseException) -> int | None:
     """SQLite's primary result code of a driver error (sqlite3 has it from Python 3.11; else from the message)."""
     code = getattr(exc, "sqlite_errorcode", None)
     if isinstance(code, int):
         return code & 0xFF
     message = str(exc)
+    if "database is locked" in message:
+        return SQLITE_BUSY
     if "readonly database" in message:
         return SQLITE_READONLY
     if "file is not a database" in message:
