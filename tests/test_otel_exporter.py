@@ -219,7 +219,7 @@ def test_mapping_of_every_attribute_type() -> None:
     trace = span_to_trace(span)
     context = span.get_span_context()
     assert trace.id == f"{context.trace_id:032x}-{context.span_id:016x}"
-    assert trace.created_at == span.start_time / 1e9
+    assert trace.created_at == span.start_time / 10**9
     assert (trace.namespace, trace.context_type, trace.session_uids) == ("svc", "tool", ("lf", "ml"))
     resource_spans = trace.data
     assert orjson.loads(orjson.dumps(resource_spans)) == resource_spans

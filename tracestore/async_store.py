@@ -127,6 +127,11 @@ class AsyncTraceStore:
             self._ready = True
 
     # -- writes -----------------------------------------------------------------------------------
+    def refusal(self, trace: TraceContext) -> str | None:
+        """Why store_batch would refuse `trace` (InvalidTraceError, nothing written), or None: lets a caller leave
+        out the traces refused on their own and store the others in one transaction."""
+        return self._core.refusal(trace)
+
     async def store(self, trace: TraceContext, *, connection: AsyncConnection | None = None) -> str:
         """Insert a trace, or update it in place; its id (see TraceStore.store)."""
         return (await self._write_plan(self._core.store_batch((trace,)), connection))[0]

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from sqlalchemy import Executable, Select
 
-from tracestore.errors import InvalidQueryError
+from tracestore.errors import InvalidQueryError, InvalidTraceError
 from tracestore.queries import LINK_COLUMNS, TRACE_COLUMNS, DriverSQL, Statements, query_statement
 from tracestore.rows import WriteBatch, decode_row, decode_rows, refuse_nul, refuse_nul_arguments
 from tracestore.types import Page, PageCursor, Query, TraceContext, check_query_string
@@ -161,6 +161,16 @@ class StoreCore:
             restore_setup=sql.restore_write_setup,
         )
         return [row[0] for row in batch.traces]
+
+    def refusal(self, trace: TraceContext) -> str | None:
+        """Why store_batch would refuse `trace` on this engine before writing anything, or None if it would not."""
+        try:
+            batch = WriteBatch((trace,))
+            if not self.sql.rules.text_holds_nul:
+                refuse_nul(batch)
+        except InvalidTraceError as exc:
+            return str(exc)
+        return None
 
     def _write_batch(self, batch: WriteBatch) -> Generator[Execute, int, None]:
         sql = self.sql

@@ -102,6 +102,11 @@ class TraceStore:
         return self._reader.engine
 
     # -- writes -----------------------------------------------------------------------------------
+    def refusal(self, trace: TraceContext) -> str | None:
+        """Why store_batch would refuse `trace` (InvalidTraceError, nothing written), or None: lets a caller leave
+        out the traces refused on their own and store the others in one transaction."""
+        return self._core.refusal(trace)
+
     def store(self, trace: TraceContext, *, connection: Connection | None = None) -> str:
         """Insert a trace, or update it in place (its existing session links are kept and re-stamped); its id.
 

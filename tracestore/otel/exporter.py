@@ -10,7 +10,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from tracestore.errors import InvalidTraceError
-from tracestore.otel.mapping import DEFAULT_SESSION_ATTRIBUTES, span_to_trace
+from tracestore.otel.mapping import span_to_trace
+from tracestore.otel.otlp import DEFAULT_SESSION_ATTRIBUTES
 from tracestore.store import TraceStore
 from tracestore.types import TraceContext
 

@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import base64
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import Link, SpanContext
 from opentelemetry.util.types import Attributes
 
+from tracestore.otel.otlp import DEFAULT_SESSION_ATTRIBUTES, finite_or_text, resource_spans_json, trace_of
 from tracestore.types import TraceContext
-
-# Attribute keys naming a span's session in the conventions of OpenTelemetry, Langfuse and MLflow.
-DEFAULT_SESSION_ATTRIBUTES: tuple[str, ...] = (
-    "session.id",
-    "gen_ai.conversation.id",
-    "langfuse.session.id",
-    "mlflow.trace.session",
-)
-UNKNOWN_SERVICE = "unknown_service"
 
 # OTLP's SpanFlags: bit 8 says whether bit 9 (the parent or linked context is remote) is known.
 _HAS_IS_REMOTE = 0x100
 _IS_REMOTE = 0x200
-_AGENT_OPERATIONS = frozenset({"invoke_agent", "create_agent"})
 
 
 def span_trace_id(trace_id: int, span_id: int) -> str:
@@ -37,76 +26,32 @@ def span_trace_id(trace_id: int, span_id: int) -> str:
 def span_to_trace(
     span: ReadableSpan, *, session_attributes: Sequence[str] = DEFAULT_SESSION_ATTRIBUTES
 ) -> TraceContext:
-    """One trace holding `span`; InvalidTraceError (or ValueError for a span without context) if it cannot be stored."""
-    context = span.context
-    if context is None or span.start_time is None:
+    """One trace holding `span`, built as a span received over OTLP is (otlp.trace_of); InvalidTraceError (or
+    ValueError for a span without context or start time) if it cannot be stored."""
+    if span.context is None or span.start_time is None:
         raise ValueError(f"span {span.name!r} has no context or no start time")
-    resource_attributes = _attributes_of(span.resource)
-    span_attributes = span.attributes or {}
-    return TraceContext(
-        id=span_trace_id(context.trace_id, context.span_id),
-        created_at=span.start_time / 1e9,
-        context_type=classify(span),
-        namespace=str(resource_attributes.get("service.name") or "") or UNKNOWN_SERVICE,
-        data=resource_spans(span),
-        session_uids=session_uids(span_attributes, resource_attributes, session_attributes),
-    )
-
-
-def classify(span: ReadableSpan) -> str:
-    """The context_type: "tool", "agent" or "llm" for a GenAI span (gen_ai.* attributes), else the span kind
-    ("internal", "server", "client", "producer", "consumer")."""
-    attributes = span.attributes or {}
-    operation = attributes.get("gen_ai.operation.name")
-    if operation == "execute_tool":
-        return "tool"
-    if operation in _AGENT_OPERATIONS:
-        return "agent"
-    if operation is not None or attributes.get("gen_ai.system") is not None:
-        return "llm"
-    return span.kind.name.lower()
-
-
-def session_uids(
-    span_attributes: Mapping[str, Any], resource_attributes: Mapping[str, Any], keys: Iterable[str]
-) -> list[str]:
-    """The sessions named by `keys`, each taken from the span or else its resource; a sequence names several."""
-    uids: list[str] = []
-    for key in keys:
-        value = span_attributes.get(key)
-        if value is None:
-            value = resource_attributes.get(key)
-        values = value if isinstance(value, Sequence) and not isinstance(value, str | bytes) else (value,)
-        uids.extend(text for text in (_text(item) for item in values) if text)
-    return uids
-
-
-def _text(value: object) -> str:
-    if value is None:
-        return ""
-    return value if isinstance(value, str) else str(value)
+    return trace_of(resource_spans(span), session_attributes=session_attributes)
 
 
 def resource_spans(span: ReadableSpan) -> dict[str, Any]:
-    """`span` with its resource and scope as one OTLP/JSON ResourceSpans: wrapped in {"resourceSpans": [...]},
-    a list of them is an ExportTraceServiceRequest body an OTLP/HTTP receiver takes as is."""
+    """`span` with its resource and scope as one canonical OTLP/JSON ResourceSpans (tracestore.otel.otlp)."""
     scope = span.instrumentation_scope
     scope_json: dict[str, Any] = {}
-    scope_spans: dict[str, Any] = {"scope": scope_json, "spans": [span_json(span)]}
     if scope is not None:
-        scope_json["name"] = scope.name
+        if scope.name:
+            scope_json["name"] = scope.name
         if scope.version:
             scope_json["version"] = scope.version
         if scope.attributes:
             scope_json["attributes"] = key_values(scope.attributes)
-        if scope.schema_url:
-            scope_spans["schemaUrl"] = scope.schema_url
     resource = span.resource
-    out: dict[str, Any] = {"resource": {"attributes": key_values(_attributes_of(resource))}}
-    if resource is not None and resource.schema_url:
-        out["schemaUrl"] = resource.schema_url
-    out["scopeSpans"] = [scope_spans]
-    return out
+    return resource_spans_json(
+        {"attributes": key_values({} if resource is None else resource.attributes)},
+        "" if resource is None else resource.schema_url,
+        scope_json,
+        "" if scope is None else scope.schema_url or "",
+        span_json(span),
+    )
 
 
 def span_json(span: ReadableSpan) -> dict[str, Any]:
@@ -122,7 +67,7 @@ def span_json(span: ReadableSpan) -> dict[str, Any]:
     out["name"] = span.name
     out["kind"] = span.kind.value + 1  # the SDK counts from INTERNAL = 0, OTLP from UNSPECIFIED = 0
     out["startTimeUnixNano"] = str(span.start_time)
-    if span.end_time is not None:
+    if span.end_time:
         out["endTimeUnixNano"] = str(span.end_time)
     out["attributes"] = key_values(span.attributes)
     _put_count(out, "droppedAttributesCount", span.dropped_attributes)
@@ -174,10 +119,6 @@ def _with_count(out: dict[str, Any], key: str, count: int) -> dict[str, Any]:
     return out
 
 
-def _attributes_of(resource: Resource | None) -> Mapping[str, Any]:
-    return {} if resource is None else resource.attributes
-
-
 def key_values(attributes: Attributes | Mapping[str, Any]) -> list[dict[str, Any]]:
     """OTLP/JSON KeyValue list of `attributes`, in their order."""
     return [{"key": key, "value": any_value(value)} for key, value in (attributes or {}).items()]
@@ -193,7 +134,7 @@ def any_value(value: object) -> dict[str, Any]:
     if isinstance(value, int):
         return {"intValue": str(value)}
     if isinstance(value, float):
-        return {"doubleValue": value if math.isfinite(value) else _non_finite(value)}
+        return {"doubleValue": finite_or_text(value)}
     if isinstance(value, bytes | bytearray):
         return {"bytesValue": base64.b64encode(value).decode("ascii")}
     if isinstance(value, Mapping):
@@ -203,9 +144,3 @@ def any_value(value: object) -> dict[str, Any]:
     if value is None:
         return {}  # an AnyValue with no value set: the SDK keeps None inside sequences
     return {"stringValue": str(value)}
-
-
-def _non_finite(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    return "Infinity" if value > 0 else "-Infinity"
