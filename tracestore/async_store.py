@@ -204,6 +204,32 @@ class AsyncTraceStore:
             if cursor is None:
                 return
 
+    async def iter_traces(
+        self,
+        *,
+        session_uid: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        page_size: int = 1000,
+    ) -> AsyncIterator[TraceContext]:
+        """Every trace with since <= created_at < until, of one session or of all, oldest first, a page at a
+        time: bounded memory (see TraceStore.iter_traces)."""
+        cursor: PageCursor | None = None
+        while True:
+            items, cursor = await self._run(
+                self._core.scan(session_uid=session_uid, since=since, until=until, limit=page_size, cursor=cursor)
+            )
+            for item in items:
+                yield item
+            if cursor is None:
+                return
+
+    async def count_traces(
+        self, *, session_uid: str | None = None, since: float | None = None, until: float | None = None
+    ) -> int:
+        """How many traces iter_traces(...) with the same bounds would yield now (an index-only count)."""
+        return await self._run(self._core.count(session_uid=session_uid, since=since, until=until))
+
     def tail(
         self,
         session_uid: str,

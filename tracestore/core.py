@@ -21,6 +21,7 @@ reaches (or opens) the database.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
@@ -241,6 +242,36 @@ class StoreCore:
         last = items[-1] if len(items) == limit else None
         return Page(items, PageCursor(last.created_at, last.id) if last is not None else None)
 
+    def scan(
+        self,
+        *,
+        session_uid: str | None,
+        since: float | None,
+        until: float | None,
+        limit: int,
+        cursor: PageCursor | None,
+    ) -> Plan[Page]:
+        """One page of the traces with since <= created_at < until (of one session, or of all), oldest first
+        (ties: id ascending), strictly after `cursor`: a keyset read of an index, so the last page of an export
+        costs what the first one does. Its next_cursor is None after the last page."""
+        query = self.scan_query(session_uid, since=since, until=until, limit=limit, cursor=cursor)
+        migrating = bool((yield MIGRATING)) if session_uid is not None else False
+        stmt, params = self.scan_statement(query, cursor, migrating=migrating)
+        items = decode_rows((yield Read(stmt, params)))
+        last = items[-1] if len(items) == limit else None
+        return Page(items, PageCursor(last.created_at, last.id) if last is not None else None)
+
+    def count(self, *, session_uid: str | None, since: float | None, until: float | None) -> Plan[int]:
+        """How many traces scan() would return from the start: an index-only count, for a progress bar.
+
+        While an upgrade is unfinished a session's links not yet backfilled are not counted.
+        """
+        query = Query(session_uid=session_uid, since=since, until=until)
+        refuse_nul_arguments(self.sql, query.params())
+        stmt = self.sql.count_traces(session=session_uid is not None, since=since is not None, until=until is not None)
+        rows = yield Read(stmt, query.params())
+        return int(rows[0][0])
+
     # -- the live tail ------------------------------------------------------------------------------------
     def tail(
         self, session_uid: str, *, since: float | None, poll_interval: float, lookback: float, limit: int
@@ -304,6 +335,46 @@ class StoreCore:
         stmt = self.sql.session_page(since=query.since is not None, after=cursor is not None, migrating=migrating)
         return stmt, params
 
+    def scan_query(
+        self,
+        session_uid: str | None,
+        *,
+        since: float | None,
+        until: float | None,
+        limit: int,
+        cursor: PageCursor | None,
+    ) -> Query:
+        if limit is None:
+            raise InvalidQueryError("a page needs a limit")
+        query = Query(session_uid=session_uid, since=since, until=until, limit=limit)
+        if cursor is not None:
+            if not isinstance(cursor, PageCursor):
+                raise InvalidQueryError(f"cursor must be a PageCursor, got {cursor!r}")
+            cursor.check()
+            refuse_nul_arguments(self.sql, {"after_trace_id": cursor.trace_id})
+        refuse_nul_arguments(self.sql, query.params())
+        return query
+
+    def scan_statement(
+        self, query: Query, cursor: PageCursor | None, *, migrating: bool = False
+    ) -> tuple[Select[Any], dict[str, Any]]:
+        # The first page starts after (since, ""), which sorts before every trace at `since` (ids are never
+        # empty), so one statement per shape serves the first page and the next ones.
+        if cursor is not None:
+            after: tuple[float, str] = (float(cursor.created_at), cursor.trace_id)
+        else:
+            after = (-math.inf if query.since is None else query.since, "")
+        params: dict[str, Any] = {"after_created_at": after[0], "after_trace_id": after[1], "limit": query.limit}
+        until = query.until is not None
+        if query.session_uid is None:
+            if until:
+                params["until"] = query.until
+            return self.sql.traces_after(until=until), params
+        params["session_uid"] = query.session_uid
+        if until:  # (created_at, trace_id) < (until, ""): created_at < until
+            params["until_created_at"], params["until_trace_id"] = query.until, ""
+        return self.sql.session_after(keys_only=False, until=until, migrating=migrating), params
+
 
 def session_query(session_uid: str, since: float | None, limit: int | None, **filters: Any) -> Query:
     """The Query of a one-session read: the session must be named (None would mean every session)."""
@@ -334,6 +405,22 @@ def prepare_page(
     core = StoreCore(statements)
     query = core.page_query(session_uid, since=since, limit=limit, cursor=cursor)
     return core.page_statement(query, cursor, migrating=migrating)
+
+
+def prepare_scan(
+    statements: Statements,
+    *,
+    session_uid: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    limit: int = 1000,
+    cursor: PageCursor | None = None,
+    migrating: bool = False,
+) -> tuple[Select[Any], dict[str, Any]]:
+    """The statement and parameters one page of iter_traces(...) runs."""
+    core = StoreCore(statements)
+    query = core.scan_query(session_uid, since=since, until=until, limit=limit, cursor=cursor)
+    return core.scan_statement(query, cursor, migrating=migrating)
 
 
 def prepare_sessions_query(

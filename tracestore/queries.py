@@ -29,6 +29,7 @@ from sqlalchemy import (
     TextClause,
     bindparam,
     delete,
+    func,
     select,
     tuple_,
 )
@@ -280,6 +281,40 @@ class Statements:
             .join(Trace, Trace.id == cut.c.trace_id)
             .order_by(cut.c.created_at.desc(), cut.c.trace_id.desc())
         )
+
+    @cache  # noqa: B019
+    def traces_after(self, *, until: bool) -> Select[Any]:
+        """Traces strictly after a key (:after_created_at, :after_trace_id), oldest first (ties: id ascending), at
+        most :limit: the keyset read of an export over every session, a page at a time.
+
+        idx_traces_created_at serves the range and the order on created_at. It holds no id, so the traces that
+        share one created_at are put in id order by a sort of that tie group alone (SQLite's "TEMP B-TREE FOR
+        RIGHT PART OF ORDER BY", PostgreSQL's Incremental Sort), never of the range. `until`: created_at < :until.
+        """
+        key = tuple_(Trace.created_at, Trace.id)
+        stmt = select(*_trace_columns(self.rules)).where(
+            key > tuple_(bindparam("after_created_at"), bindparam("after_trace_id"))
+        )
+        if until:
+            stmt = stmt.where(Trace.created_at < bindparam("until"))
+        return stmt.order_by(Trace.created_at.asc(), Trace.id.asc()).limit(bindparam("limit"))
+
+    @cache  # noqa: B019
+    def count_traces(self, *, session: bool, since: bool, until: bool) -> Select[Any]:
+        """How many traces (of :session_uid with `session`) have since <= created_at < until: a count of index
+        entries (idx_traces_created_at, or the session's range of the composite index), no trace row read."""
+        if session:
+            time: Any = links.c.created_at
+            stmt = select(func.count()).select_from(links).where(links.c.session_uid == bindparam("session_uid"))
+            stmt = stmt.where(time.is_not(None))
+        else:
+            time = traces.c.created_at
+            stmt = select(func.count()).select_from(traces)
+        if since:
+            stmt = stmt.where(time >= bindparam("since"))
+        if until:
+            stmt = stmt.where(time < bindparam("until"))
+        return stmt
 
     def list_argument(self, values: Iterable[str]) -> Any:
         """The value of a list parameter (:session_uids, :ids): one parameter, whatever the number of values."""

@@ -184,6 +184,35 @@ class TraceStore:
             if cursor is None:
                 return
 
+    def iter_traces(
+        self,
+        *,
+        session_uid: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        page_size: int = 1000,
+    ) -> Iterator[TraceContext]:
+        """Every trace with since <= created_at < until, of one session or of all, oldest first (ties: id
+        ascending), a page of `page_size` at a time: bounded memory, whatever the number of traces.
+
+        Each page is a keyset read of an index starting after the previous page's last trace, and its own
+        snapshot: a trace stored meanwhile is included when it sorts after the page being read.
+        """
+        cursor: PageCursor | None = None
+        while True:
+            items, cursor = self._run(
+                self._core.scan(session_uid=session_uid, since=since, until=until, limit=page_size, cursor=cursor)
+            )
+            yield from items
+            if cursor is None:
+                return
+
+    def count_traces(
+        self, *, session_uid: str | None = None, since: float | None = None, until: float | None = None
+    ) -> int:
+        """How many traces iter_traces(...) with the same bounds would yield now (an index-only count)."""
+        return self._run(self._core.count(session_uid=session_uid, since=since, until=until))
+
     def tail(
         self,
         session_uid: str,

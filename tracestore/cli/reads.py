@@ -19,6 +19,7 @@ from tracestore.cli.app import (
     require_database,
     url_option,
 )
+from tracestore.export import trace_record
 from tracestore.store import TraceStore
 from tracestore.types import TraceContext
 
@@ -68,18 +69,7 @@ def recent(
 
 
 def trace_json(trace: TraceContext) -> str:
-    return orjson.dumps(
-        {
-            "id": trace.id,
-            "context_type": trace.context_type,
-            "namespace": trace.namespace,
-            "data": trace.data,
-            "metadata": trace.metadata,
-            "session_uids": trace.session_uids,
-            "created_at": trace.created_at,
-            "updated_at": trace.updated_at,
-        }
-    ).decode()
+    return orjson.dumps(trace_record(trace)).decode()
 
 
 def trace_line(trace: TraceContext, preview_chars: int = 60) -> str:
