@@ -28,8 +28,14 @@ lint: venv  ## ruff check, ruff format --check, and mypy --strict on tracestore/
 	$(BIN)/ruff format --check tracestore migrations tests benchmarks examples
 	$(BIN)/mypy
 
-bench: venv  ## the benchmark suite: JSON, table and plots into benchmarks/results/$(SCALE)/ (SCALE=1m ~ 4 min; 10m ~ 25 min)
+bench: venv  ## the benchmark suite, OTLP ingest and export memory: JSON, tables and plots into benchmarks/results/$(SCALE)/ (SCALE=1m ~ 9 min; 10m ~ 30 min)
 	TRACESTORE_PG_OPTIONS="-c shared_buffers=2GB $${TRACESTORE_PG_OPTIONS:-}" scripts/with-postgres $(BIN)/python benchmarks/suite.py --scale $(SCALE)
+	$(BIN)/python benchmarks/otlp_ingest.py --json benchmarks/results/$(SCALE)/otlp-ingest.json > benchmarks/results/$(SCALE)/otlp-ingest.txt; \
+		status=$$?; cat benchmarks/results/$(SCALE)/otlp-ingest.txt; exit $$status
+	$(BIN)/python benchmarks/otlp_ingest.py --senders 2 --json benchmarks/results/$(SCALE)/otlp-ingest-2-senders.json > benchmarks/results/$(SCALE)/otlp-ingest-2-senders.txt; \
+		status=$$?; cat benchmarks/results/$(SCALE)/otlp-ingest-2-senders.txt; exit $$status
+	$(BIN)/python benchmarks/export_rss.py --keep --json benchmarks/results/$(SCALE)/export-rss.json > benchmarks/results/$(SCALE)/export-rss.txt; \
+		status=$$?; cat benchmarks/results/$(SCALE)/export-rss.txt; exit $$status
 
 bench-migration: venv  ## upgrade a legacy file under a live writer, then a kill -9 / rerun (SCALE=1m; 10m ~ 15 min)
 	$(BIN)/python benchmarks/bench_migration.py --scale $(SCALE)

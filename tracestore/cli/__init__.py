@@ -5,7 +5,7 @@ tracestore.migrate) and prints. Library errors become a one-line message and exi
 (2 for invalid arguments), never a traceback.
 """
 
-from tracestore.cli import check, data, export, migrations, reads, retention, tail  # noqa: F401  (each registers its commands on main)
+from tracestore.cli import check, data, export, migrations, reads, retention, serve, tail  # noqa: F401  (each registers its commands on main)
 from tracestore.cli.app import main, parse_duration
 
 __all__ = ["main", "parse_duration"]
