@@ -279,3 +279,13 @@ def test_other_traces_export_as_spans_built_from_their_fields() -> None:
     assert again.id == f"{span['traceId']}-{span['spanId']}" and again.data == resource_spans
     # exported again, it is now a span that came through OpenTelemetry: the same span, not a new one
     assert otlp.resource_spans_of(again) == resource_spans
+
+
+def test_recent_shows_a_spans_name_and_status_instead_of_its_resource() -> None:
+    from tracestore.cli.reads import trace_line
+
+    (trace,) = [span_to_trace(span) for span in finished_spans(lambda tracer: tracer.start_span("lookup").end())]
+    assert otlp.span_of(trace) == trace.data["scopeSpans"][0]["spans"][0]
+    assert trace_line(trace).endswith('  svc  internal  {"span":"lookup","status":0}')
+    other = TraceContext(context_type="chat", namespace="app", data={"resource": 1}, id="x")
+    assert otlp.span_of(other) is None and trace_line(other).endswith('{"resource":1}')

@@ -7,6 +7,7 @@ import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import Any
 
 import click
 import orjson
@@ -20,6 +21,7 @@ from tracestore.cli.app import (
     url_option,
 )
 from tracestore.export import trace_record
+from tracestore.otel.otlp import span_of
 from tracestore.store import TraceStore
 from tracestore.types import TraceContext
 
@@ -77,11 +79,17 @@ def trace_line(trace: TraceContext, preview_chars: int = 60) -> str:
         created = datetime.fromtimestamp(trace.created_at, tz=UTC).isoformat(timespec="milliseconds")
     except (OverflowError, ValueError, OSError):  # outside the years 1-9999 a datetime holds
         created = f"{trace.created_at!r} (epoch seconds)"
-    data = orjson.dumps(trace.data).decode()
+    span = span_of(trace)
+    # A span's data starts with its resource: its name and status say more.
+    data = orjson.dumps(trace.data if span is None else _span_summary(span)).decode()
     if len(data) > preview_chars:
         data = data[: preview_chars - 3] + "..."
     fields = (visible(trace.id), visible(trace.namespace), visible(trace.context_type))
     return "  ".join((created, *fields, data))
+
+
+def _span_summary(span: dict[str, Any]) -> dict[str, Any]:
+    return {"span": span.get("name"), "status": span.get("status", {}).get("code", 0)}
 
 
 def visible(text: str) -> str:

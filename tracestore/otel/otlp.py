@@ -651,7 +651,7 @@ def resource_spans_of(trace: TraceContext) -> dict[str, Any]:
     attributes `tracestore.id`, `session.id` (a string, or an array for several sessions), `tracestore.data` and
     `tracestore.metadata` (JSON text).
     """
-    if _is_span_data(trace):
+    if span_of(trace) is not None:
         return dict(trace.data)
     digest = hashlib.sha256(trace.id.encode("utf-8", "surrogatepass")).hexdigest()
     start = str(max(1, round(decimal.Decimal(repr(trace.created_at)) * NANOSECONDS)))
@@ -683,13 +683,16 @@ def resource_spans_of(trace: TraceContext) -> dict[str, Any]:
     return resource_spans_json(resource, "", {"name": SCOPE_NAME}, "", span)
 
 
-def _is_span_data(trace: TraceContext) -> bool:
+def span_of(trace: TraceContext) -> dict[str, Any] | None:
+    """The OTLP/JSON span a trace that came through OpenTelemetry holds (its id is the span's), else None."""
     data = trace.data
     try:
         span = data["scopeSpans"][0]["spans"][0]
-        return bool(f"{span['traceId']}-{span['spanId']}" == trace.id and "resource" in data)
+        if f"{span['traceId']}-{span['spanId']}" == trace.id and "resource" in data:
+            return dict(span)
     except (TypeError, KeyError, IndexError):
-        return False
+        pass
+    return None
 
 
 def export_request(resource_spans: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
