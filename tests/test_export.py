@@ -14,7 +14,6 @@ from typing import Any
 
 import orjson
 import pytest
-import sqlalchemy
 from click.testing import CliRunner, Result
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -23,6 +22,7 @@ from opentelemetry.trace import SpanKind
 
 from tests.backends import Backend
 from tests.oracle import make_trace
+from tests.test_store import crowd_sessions
 from tracestore import AsyncTraceStore, TraceContext, TraceStore
 from tracestore.cli import export as export_cli
 from tracestore.cli import main
@@ -237,31 +237,6 @@ def test_spans_round_trip_through_otlp_json(store: TraceStore) -> None:
 
 
 # -- plans ------------------------------------------------------------------------------------------------------
-def crowd(backend: Backend, traces: int = 20_000) -> None:
-    """`traces` traces, one in ten in session "a", with ties on created_at (two traces a second), ANALYZEd:
-    enough rows for PostgreSQL's planner to choose as on real data (plain SQL, quick)."""
-    with backend.raw() as connection:
-        if backend.is_sqlite:
-            numbers = f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {traces}) "
-            source, padded = "n", "printf('%08d', i)"
-        else:
-            numbers, source, padded = "", f"generate_series(1, {traces}) AS n(i)", "lpad(i::text, 8, '0')"
-        connection.execute(
-            sqlalchemy.text(
-                f"{numbers}INSERT INTO traces (id, context_type, namespace, data, metadata, created_at, updated_at) "
-                f"SELECT {padded}, 'span', 'web', '{{}}', '{{}}', {T0} + i / 2, {T0} FROM {source}"
-            )
-        )
-        connection.execute(
-            sqlalchemy.text(
-                f"{numbers}INSERT INTO trace_sessions (trace_id, session_uid, created_at) "
-                f"SELECT {padded}, CASE WHEN i % 10 = 0 THEN 'a' ELSE 's' || (i % 500) END, {T0} + i / 2 "
-                f"FROM {source}"
-            )
-        )
-    backend.analyze()
-
-
 SCANS = {
     "first-page": {},
     "bounded": {"since": T0 + 100, "until": T0 + 5000},
@@ -286,7 +261,7 @@ def scan_plan(backend: Backend, session_uid: str | None, shape: str) -> list[str
 def test_the_scan_of_all_traces_walks_the_time_index(store: TraceStore, backend: Backend, shape: str) -> None:
     """The created_at index gives the order; only a tie group (one created_at) is put in id order, under the
     LIMIT: the index has no id column (a migration adding one would remove even that sort)."""
-    crowd(backend)
+    crowd_sessions(backend, per_second=2)  # ties on created_at: two traces a second
     plan = scan_plan(backend, None, shape)
     if backend.is_sqlite:
         assert any(line.startswith("SEARCH traces USING INDEX idx_traces_created_at (created_at>") for line in plan)
@@ -301,7 +276,7 @@ def test_the_scan_of_all_traces_walks_the_time_index(store: TraceStore, backend:
 
 @pytest.mark.parametrize("shape", SCANS)
 def test_the_scan_of_a_session_walks_its_index_forward(store: TraceStore, backend: Backend, shape: str) -> None:
-    crowd(backend)
+    crowd_sessions(backend, per_second=2)  # ties on created_at: two traces a second
     plan = scan_plan(backend, "a", shape)
     text = "\n".join(plan)
     if backend.is_sqlite:

@@ -951,9 +951,10 @@ def test_each_store_read_is_one_statement(any_store: TraceStore) -> None:
         assert [statement.split()[0].upper() for statement in executed] == ["SELECT"], executed
 
 
-def crowd_sessions(backend: Backend, traces: int = 20_000) -> None:
-    """`traces` traces, one in ten in session "a", the rest spread over 500 others, then ANALYZE: enough
-    rows for PostgreSQL's planner to make the choice it makes on real data (plain SQL, quick)."""
+def crowd_sessions(backend: Backend, traces: int = 20_000, *, per_second: int = 1) -> None:
+    """`traces` traces, one in ten in session "a", the rest spread over 500 others, `per_second` of them sharing
+    each created_at, then ANALYZE: enough rows for PostgreSQL's planner to make the choice it makes on real data
+    (plain SQL, quick)."""
     with backend.raw() as connection:
         if backend.is_sqlite:
             numbers = f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {traces}) "
@@ -963,13 +964,14 @@ def crowd_sessions(backend: Backend, traces: int = 20_000) -> None:
         connection.execute(
             sqlalchemy.text(
                 f"{numbers}INSERT INTO traces (id, context_type, namespace, data, metadata, created_at, updated_at) "
-                f"SELECT {padded}, 'span', 'web', '{{}}', '{{}}', {T0} + i, {T0} + i FROM {source}"
+                f"SELECT {padded}, 'span', 'web', '{{}}', '{{}}', {T0} + i / {per_second}, {T0} + i FROM {source}"
             )
         )
         connection.execute(
             sqlalchemy.text(
                 f"{numbers}INSERT INTO trace_sessions (trace_id, session_uid, created_at) "
-                f"SELECT {padded}, CASE WHEN i % 10 = 0 THEN 'a' ELSE 's' || (i % 500) END, {T0} + i FROM {source}"
+                f"SELECT {padded}, CASE WHEN i % 10 = 0 THEN 'a' ELSE 's' || (i % 500) END, {T0} + i / {per_second} "
+                f"FROM {source}"
             )
         )
     backend.analyze()

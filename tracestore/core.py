@@ -33,7 +33,7 @@ from sqlalchemy import Executable, Select
 from tracestore.errors import InvalidQueryError, InvalidTraceError
 from tracestore.queries import LINK_COLUMNS, TRACE_COLUMNS, DriverSQL, Statements, query_statement
 from tracestore.rows import WriteBatch, decode_row, decode_rows, refuse_nul, refuse_nul_arguments
-from tracestore.types import Page, PageCursor, Query, TraceContext, check_query_string
+from tracestore.types import Page, PageCursor, Query, TraceContext, check_cursor, check_query_string
 
 if TYPE_CHECKING:  # tracestore.tail builds on this module's Read
     from tracestore.tail import Polled, SessionTail
@@ -318,13 +318,15 @@ class StoreCore:
         if limit is None:
             raise InvalidQueryError("a page needs a limit")
         query = Query(session_uid=session_uid, since=since, limit=limit)
-        if cursor is not None:
-            if not isinstance(cursor, PageCursor):
-                raise InvalidQueryError(f"cursor must be a PageCursor (PageCursor.parse reads a token), got {cursor!r}")
-            cursor.check()
-            refuse_nul_arguments(self.sql, {"after_trace_id": cursor.trace_id})
+        self.check_cursor(cursor)
         refuse_nul_arguments(self.sql, query.params())
         return query
+
+    def check_cursor(self, cursor: object) -> None:
+        """InvalidQueryError unless `cursor` is None or a valid PageCursor this engine can match."""
+        check_cursor(cursor)
+        if isinstance(cursor, PageCursor):
+            refuse_nul_arguments(self.sql, {"after_trace_id": cursor.trace_id})
 
     def page_statement(
         self, query: Query, cursor: PageCursor | None, *, migrating: bool = False
@@ -347,11 +349,7 @@ class StoreCore:
         if limit is None:
             raise InvalidQueryError("a page needs a limit")
         query = Query(session_uid=session_uid, since=since, until=until, limit=limit)
-        if cursor is not None:
-            if not isinstance(cursor, PageCursor):
-                raise InvalidQueryError(f"cursor must be a PageCursor, got {cursor!r}")
-            cursor.check()
-            refuse_nul_arguments(self.sql, {"after_trace_id": cursor.trace_id})
+        self.check_cursor(cursor)
         refuse_nul_arguments(self.sql, query.params())
         return query
 

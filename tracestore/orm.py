@@ -29,7 +29,7 @@ from tracestore.migrate import MIGRATING_READS_FROM, head_revision, is_at_least,
 from tracestore.models import Trace, TraceSession
 from tracestore.queries import Shape, statements_for
 from tracestore.rows import refuse_nul_arguments
-from tracestore.types import PageCursor, TraceContext, check_limit
+from tracestore.types import PageCursor, TraceContext, check_cursor, check_limit
 
 __all__ = ["add_traces", "next_page_cursor", "recent_traces", "recent_traces_page"]
 
@@ -73,10 +73,8 @@ def recent_traces_page(
     """
     query = session_query(session_uid, since, _page_limit(limit))
     params = query.params()
+    check_cursor(cursor)
     if cursor is not None:
-        if not isinstance(cursor, PageCursor):
-            raise InvalidQueryError(f"cursor must be a PageCursor (PageCursor.parse reads a token), got {cursor!r}")
-        cursor.check()
         params.update(after_created_at=float(cursor.created_at), after_trace_id=cursor.trace_id)
     return _with_values(_statement(Shape.of(query), after=cursor is not None), params)
 

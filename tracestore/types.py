@@ -244,6 +244,15 @@ class PageCursor:
             raise InvalidQueryError(f"not a page cursor: {self!r}")
 
 
+def check_cursor(cursor: object) -> None:
+    """InvalidQueryError unless `cursor` is None or a valid PageCursor (what every paged read takes)."""
+    if cursor is None:
+        return
+    if not isinstance(cursor, PageCursor):
+        raise InvalidQueryError(f"cursor must be a PageCursor (PageCursor.parse reads a token), got {cursor!r}")
+    cursor.check()
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     """One page of a session's traces and the cursor of the next one (None: this was the last page).
