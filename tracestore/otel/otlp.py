@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import decimal
+import functools
 import hashlib
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -89,7 +90,7 @@ def decode_request(
     else:
         raise OtlpDecodeError(f"unsupported content type {content_type!r}: send {PROTOBUF} or {JSON}")
     decoded = Decoded()
-    keys = _Keys(session_attributes)
+    keys = _keys(tuple(session_attributes))
     resource_values: dict[int, dict[str, Any]] = {}  # by resource: the spans of one ResourceSpans share it
     for item in items:
         if isinstance(item, SpanRefused):
@@ -116,11 +117,17 @@ class _Keys:
         self.resource = frozenset((SERVICE_NAME, *self.sessions))
 
 
+@functools.lru_cache(maxsize=16)
+def _keys(session_attributes: tuple[str, ...]) -> _Keys:
+    # The exporter maps span by span: the key sets are made once per configuration, not once per span.
+    return _Keys(session_attributes)
+
+
 def trace_of(
     resource_spans: Mapping[str, Any], *, session_attributes: Sequence[str] = DEFAULT_SESSION_ATTRIBUTES
 ) -> TraceContext:
     """The trace holding the one span of a canonical ResourceSpans; SpanRefused if it cannot be stored."""
-    keys = _Keys(session_attributes)
+    keys = _keys(tuple(session_attributes))
     return _trace(resource_spans, attribute_values(resource_spans["resource"]["attributes"], keys.resource), keys)
 
 
