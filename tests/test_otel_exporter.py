@@ -7,14 +7,17 @@ from collections.abc import Iterator
 
 import orjson
 import pytest
+import sqlalchemy
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from sqlalchemy.orm import Session
 
 from tests.backends import Backend
 from tracestore import TraceStore
+from tracestore.orm import recent_traces
 from tracestore.otel import TraceStoreSpanExporter, span_to_trace, span_trace_id
 
 
@@ -271,3 +274,23 @@ def test_a_span_without_service_name_or_sessions() -> None:
         pass
     trace = span_to_trace(memory.get_finished_spans()[0])
     assert (trace.namespace, trace.session_uids) == ("unknown_service", ())
+
+
+def test_an_application_exports_through_its_own_engine_and_reads_with_its_own_session(backend: Backend) -> None:
+    # An app already on SQLAlchemy: its Engine (not one tracestore made), the exporter on a store over it, and
+    # the spans read back as Trace entities from the app's own Session.
+    app_engine = sqlalchemy.create_engine(backend.url)
+    try:
+        with TraceStore(app_engine) as store:
+            provider = _provider(TraceStoreSpanExporter(store), batch=True, **{"session.id": "app-session"})
+            tracer = provider.get_tracer("app")
+            for name in ("load", "answer"):
+                with tracer.start_as_current_span(name, attributes={"gen_ai.operation.name": "chat"}):
+                    pass
+            provider.shutdown()
+        with Session(app_engine) as session:
+            traces = list(session.scalars(recent_traces("app-session", context_type="llm")))
+        assert [t.data["scopeSpans"][0]["spans"][0]["name"] for t in traces] == ["answer", "load"]
+        assert {t.namespace for t in traces} == {"svc"}
+    finally:
+        app_engine.dispose()
