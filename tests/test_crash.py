@@ -127,7 +127,9 @@ KILL_POINTS = [
     ("0003 after dropping the progress table", r"^DROP TABLE IF EXISTS tracestore_backfill", 1),
     ("0004 after dropping idx_trace_sessions_uid", r"^DROP INDEX .*idx_trace_sessions_uid\b(?!_)", 1),
     ("0004 during ANALYZE", r"^ANALYZE", 1),
-    ("0004 stamping head", r"^UPDATE tracestore_alembic_version SET version_num='0004'", 1),
+    ("0004 stamped", r"^UPDATE tracestore_alembic_version SET version_num='0004'", 1),
+    ("0005 after dropping idx_traces_type", r"^DROP INDEX .*idx_traces_type", 1),
+    ("0005 stamping head", r"^UPDATE tracestore_alembic_version SET version_num='0005'", 1),
 ]
 
 

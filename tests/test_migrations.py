@@ -35,7 +35,7 @@ from .oracle import oracle_query
 
 ROOT = Path(__file__).resolve().parents[1]
 ALEMBIC = Path(sys.executable).parent / "alembic"
-REVISIONS = ["0001", "0002", "0003", "0004"]
+REVISIONS = ["0001", "0002", "0003", "0004", "0005"]
 HOUR = 3600.0
 
 
@@ -99,7 +99,7 @@ def legacy(backend: Backend) -> Backend:
 
 def test_one_linear_head() -> None:
     script = ScriptDirectory.from_config(alembic_config())
-    assert script.get_heads() == ["0004"]
+    assert script.get_heads() == ["0005"]
     assert [rev.revision for rev in reversed(list(script.walk_revisions()))] == REVISIONS
 
 

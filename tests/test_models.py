@@ -36,8 +36,8 @@ def test_trace_columns_are_the_legacy_ones() -> None:
         for dialect in (sqlite.dialect(), postgresql.dialect()):
             assert table.c[name].type.compile(dialect=dialect) == "TEXT", name
     assert isinstance(table.c.created_at.type.dialect_impl(sqlite.dialect()), REAL)
-    legacy_indexes = {"idx_traces_created_at", "idx_traces_type", "idx_traces_namespace"}
-    assert {index.name for index in table.indexes} == legacy_indexes
+    # The legacy idx_traces_type and idx_traces_namespace are dropped by revision 0005.
+    assert {index.name for index in table.indexes} == {"idx_traces_created_at"}
 
 
 def test_trace_session_key_foreign_key_and_index() -> None:

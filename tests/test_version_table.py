@@ -41,7 +41,7 @@ from tracestore.migrate.versions import SHAPES, SHARED_MARKER, VERSION_TABLE, ha
 from tracestore.models import Base
 
 KILLER = Path(__file__).parent / "kill_during_upgrade.py"
-REVISIONS = ("0001", "0002", "0003", "0004")
+REVISIONS = ("0001", "0002", "0003", "0004", "0005")
 HEAD = REVISIONS[-1]
 
 
@@ -94,6 +94,7 @@ def test_each_revision_has_its_own_shape_and_not_the_others(backend: Backend) ->
         "0002": {"0001", "0002", "0003"},
         "0003": {"0001", "0002", "0003"},
         "0004": {"0003", "0004"},
+        "0005": {"0004", "0005"},
     }
     for revision in REVISIONS:
         upgrade(backend.url, revision)

@@ -161,11 +161,8 @@ class Trace(Base):
     """
 
     __tablename__ = "traces"
-    __table_args__ = (
-        Index("idx_traces_created_at", "created_at"),
-        Index("idx_traces_type", "context_type"),
-        Index("idx_traces_namespace", "namespace"),
-    )
+    # The legacy idx_traces_type and idx_traces_namespace are gone since revision 0005: nothing read them.
+    __table_args__ = (Index("idx_traces_created_at", "created_at"),)
 
     # The legacy DDL says `id TEXT PRIMARY KEY` without NOT NULL, which SQLite takes literally. Adding
     # NOT NULL means rebuilding the biggest table; the store never writes a NULL id, so the model

@@ -49,6 +49,7 @@ class Shape:
 _TRACE_COLUMNS = frozenset({"id", "context_type", "namespace", "data", "metadata", "created_at", "updated_at"})
 _LINK_COLUMNS = frozenset({"trace_id", "session_uid"})
 _TRACE_INDEXES = frozenset({"idx_traces_created_at", "idx_traces_type", "idx_traces_namespace"})
+_UNUSED_TRACE_INDEXES = frozenset({"idx_traces_type", "idx_traces_namespace"})  # dropped by 0005
 _LEGACY_SESSION_INDEX = "idx_trace_sessions_uid"  # dropped by 0004
 _LEGACY_TRACE_INDEX = "idx_trace_sessions_trace"  # dropped by 0002
 
@@ -70,11 +71,17 @@ SHAPES: Mapping[str, Shape] = {
         _TRACE_INDEXES | {SESSION_TIME_INDEX},
         frozenset({_LEGACY_TRACE_INDEX}),
     ),
-    # The legacy session index gone too.
+    # The legacy session index gone too (0005, half done, may have dropped one of the unused trace indexes).
     "0004": Shape(
         {"traces": _TRACE_COLUMNS, "trace_sessions": _LINK_COLUMNS | {"created_at"}},
-        _TRACE_INDEXES | {SESSION_TIME_INDEX},
+        (_TRACE_INDEXES - _UNUSED_TRACE_INDEXES) | {SESSION_TIME_INDEX},
         frozenset({_LEGACY_TRACE_INDEX, _LEGACY_SESSION_INDEX}),
+    ),
+    # The trace indexes no query reads gone.
+    "0005": Shape(
+        {"traces": _TRACE_COLUMNS, "trace_sessions": _LINK_COLUMNS | {"created_at"}},
+        (_TRACE_INDEXES - _UNUSED_TRACE_INDEXES) | {SESSION_TIME_INDEX},
+        frozenset({_LEGACY_TRACE_INDEX, _LEGACY_SESSION_INDEX} | _UNUSED_TRACE_INDEXES),
     ),
 }
 
