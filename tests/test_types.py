@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import re
 import time
 import uuid
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.oracle import make_trace as make
@@ -21,7 +23,7 @@ from tracestore import (
     TraceStoreError,
     new_trace_id,
 )
-from tracestore.types import END_OF_YEAR_9999, check_query_time
+from tracestore.types import END_OF_YEAR_9999, check_query_time, encode_json
 
 UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
@@ -353,3 +355,60 @@ def test_error_hierarchy() -> None:
     assert issubclass(InvalidTraceError, ValueError)
     assert issubclass(InvalidQueryError, ValueError)
     assert issubclass(TraceStoreError, Exception)
+
+
+class _Str(str):
+    pass
+
+
+class _Color(enum.Enum):
+    RED = 1
+
+
+class _Level(enum.IntEnum):
+    HIGH = 3
+
+
+class _Mode(enum.StrEnum):
+    FAST = "fast"
+
+
+FLAT_VALUES: list[Any] = [
+    1,
+    -(2**63),
+    2**64 - 1,
+    1.5,
+    -0.0,
+    1e308,
+    math.nan,
+    math.inf,
+    -math.inf,
+    True,
+    None,
+    "text",
+    "",
+    _Str("sub"),
+    _Color.RED,
+    _Level.HIGH,
+    _Mode.FAST,
+    uuid.UUID(int=7),
+    (1,),
+    [1],
+    {"k": 1},
+]
+
+
+@pytest.mark.parametrize("item", FLAT_VALUES, ids=repr)
+def test_a_flat_payload_is_taken_exactly_when_it_survives_a_json_round_trip(item: Any) -> None:
+    # encode_json skips the round trip for dicts of plain scalars: for every other value it must still decide
+    # as the round trip does, so each value is tried as a flat dict's item and under a key of another type.
+    for value in ({"v": item}, {"a": "x", "v": item, "z": 2}, {_Str("k"): item}):
+        try:
+            expected: str | None = orjson.dumps(value).decode() if orjson.loads(orjson.dumps(value)) == value else None
+        except TypeError:
+            expected = None
+        try:
+            got: str | None = encode_json(value, "data")
+        except InvalidTraceError:
+            got = None
+        assert got == expected, value

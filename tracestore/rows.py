@@ -25,39 +25,56 @@ class WriteBatch:
     __slots__ = ("links", "traces")
 
     def __init__(self, traces: Iterable[TraceContext]) -> None:
-        # The same id twice in one batch behaves like two store() calls: the last one's fields win
-        # and the sessions add up, all stamped with the final created_at.
-        rows: dict[str, tuple[Any, ...]] = {}
-        sessions: dict[str, Sequence[str]] = {}
         try:
             items = iter(traces)
         except TypeError:
             items = None
         if items is None:
             raise InvalidTraceError(f"store_batch needs an iterable of TraceContext, got {type(traces).__name__}")
+        rows: list[tuple[Any, ...]] = []
+        links: list[tuple[str, str, float]] = []
+        seen: set[str] = set()
+        given: list[TraceContext] = []
         for trace in items:
             if not isinstance(trace, TraceContext):
                 raise InvalidTraceError(f"expected a TraceContext, got {type(trace).__name__}")
             trace.validate()  # fields may have been reassigned since construction
-            trace_id = trace.id
-            # Encoded before de-duplication, so a bad entry fails even when a later one shares its id.
-            rows[trace_id] = (
-                trace_id,
-                trace.context_type,
-                trace.namespace,
-                encode_json(trace.data, "data", trace_id),
-                encode_json(trace.metadata, "metadata", trace_id),
-                trace.created_at,
-                trace.updated_at,
+            given.append(trace)
+            trace_id, created_at = trace.id, trace.created_at
+            rows.append(
+                (
+                    trace_id,
+                    trace.context_type,
+                    trace.namespace,
+                    encode_json(trace.data, "data", trace_id),
+                    encode_json(trace.metadata, "metadata", trace_id),
+                    created_at,
+                    trace.updated_at,
+                )
             )
-            uids: Sequence[str] = trace.session_uids  # sorted and unique (validate)
-            if trace_id in sessions:
-                uids = tuple(sorted({*sessions[trace_id], *uids}))
-            sessions[trace_id] = uids
-        self.traces: list[tuple[Any, ...]] = list(rows.values())
-        self.links: list[tuple[str, str, float]] = [
-            (trace_id, uid, row[_CREATED_AT]) for trace_id, row in rows.items() for uid in sessions[trace_id]
-        ]
+            if trace_id in seen:
+                continue  # merged below, once every entry is known to encode
+            seen.add(trace_id)
+            for uid in trace.session_uids:  # sorted and unique (validate)
+                links.append((trace_id, uid, created_at))
+        if len(seen) != len(rows):
+            rows, links = _merged(given, rows)
+        self.traces: list[tuple[Any, ...]] = rows
+        self.links: list[tuple[str, str, float]] = links
+
+
+def _merged(
+    given: list[TraceContext], rows: list[tuple[Any, ...]]
+) -> tuple[list[tuple[Any, ...]], list[tuple[str, str, float]]]:
+    """The rows of a batch holding an id more than once, as that many store() calls would leave them: the
+    last entry's fields win and the sessions add up, all stamped with the final created_at."""
+    last: dict[str, tuple[Any, ...]] = {}
+    sessions: dict[str, set[str]] = {}
+    for trace, row in zip(given, rows, strict=True):
+        last[trace.id] = row
+        sessions.setdefault(trace.id, set()).update(trace.session_uids)
+    links = [(trace_id, uid, row[_CREATED_AT]) for trace_id, row in last.items() for uid in sorted(sessions[trace_id])]
+    return list(last.values()), links
 
 
 def refuse_nul(batch: WriteBatch) -> None:

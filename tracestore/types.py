@@ -115,12 +115,29 @@ def encode_json(value: JSONValue, field: str, trace_id: str | None = None) -> st
         encoded = orjson.dumps(value)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise InvalidTraceError(f"{_named(field, trace_id)} is not JSON-serializable: {exc}") from exc
-    if orjson.loads(encoded) != value:
+    if not _flat_and_exact(value) and orjson.loads(encoded) != value:
         raise InvalidTraceError(
             f"{_named(field, trace_id)} would not survive a JSON round trip "
             "(NaN/inf, tuples, datetimes, UUIDs or other non-JSON values); convert it to plain JSON types"
         )
     return encoded.decode()
+
+
+def _flat_and_exact(value: JSONValue) -> bool:
+    """Whether `value` is a dict of str keys to str, int, bool, None or finite floats, which JSON gives back
+    exactly (orjson refuses ints past 64 bits and lone surrogates itself): such a value needs no round trip,
+    which costs three times its encoding. False: the round trip decides."""
+    if type(value) is not dict:
+        return False
+    for key, item in value.items():
+        kind = type(item)
+        if type(key) is not str or kind not in _EXACT_SCALARS or (kind is float and not -_INF < item < _INF):
+            return False
+    return True
+
+
+_EXACT_SCALARS = frozenset({str, int, bool, float, type(None)})
+_INF = math.inf
 
 
 def refuse_nul_text(value: str, field: str, trace_id: str | None = None) -> None:
@@ -149,6 +166,26 @@ def _normalize_sessions(session_uids: Iterable[str]) -> tuple[str, ...]:
         raise InvalidTraceError(f"session_uids must be an iterable of str: {exc}") from exc
     # The junction table keeps no order, so the value type keeps a canonical one.
     return tuple(sorted(uids))
+
+
+def _as_validated(
+    trace_id: object, context_type: object, namespace: object, metadata: object, created_at: object, updated_at: object
+) -> bool:
+    """Whether these fields are already what validation leaves behind (False: the full checks decide)."""
+    return (
+        type(trace_id) is str
+        and type(context_type) is str
+        and type(namespace) is str
+        and type(metadata) is dict
+        and type(created_at) is float
+        and type(updated_at) is float
+        and -math.inf < created_at < END_OF_YEAR_9999
+        and -math.inf < updated_at < END_OF_YEAR_9999
+        and bool(trace_id and context_type and namespace)
+        and trace_id.isascii()
+        and context_type.isascii()
+        and namespace.isascii()
+    )
 
 
 def _is_normalized(uids: tuple[Any, ...]) -> bool:
@@ -194,6 +231,10 @@ class TraceContext:
 
     def validate(self) -> None:
         """Raise InvalidTraceError unless every field has a storable type and value (JSON aside)."""
+        uids = self.session_uids
+        fields = (self.id, self.context_type, self.namespace, self.metadata, self.created_at, self.updated_at)
+        if _as_validated(*fields) and type(uids) is tuple and _is_normalized(uids):
+            return  # every field as validation leaves it: the store's usual case, in one step
         check_identifier("id", self.id)
         check_identifier("context_type", self.context_type)
         check_identifier("namespace", self.namespace)
