@@ -47,8 +47,13 @@ TRACESTORE = Path(sys.executable).parent / "tracestore"
 
 
 # -- what "nothing changed" means on each engine -------------------------------------------------------------
-def snapshot(backend: Backend) -> Any:
-    """SQLite: the bytes of the file and its WAL, plus a dump. PostgreSQL: a dump of every row and the schema."""
+def snapshot(backend: Backend, store: TraceStore | None = None) -> Any:
+    """SQLite: the bytes of the file and its WAL, plus a dump. PostgreSQL: a dump of every row and the schema.
+
+    The store's checkpointer thread copies committed pages into the file after a write: wait for it first.
+    """
+    if store is not None and store._checkpointer is not None:
+        store._checkpointer.idle()
     if backend.is_sqlite:
         assert backend.path is not None
         wal = Path(f"{backend.path}-wal")
@@ -125,13 +130,13 @@ def test_bad_call_is_a_library_error_naming_it_and_writes_nothing(
     # Every bad call against one database (a fresh one per call cost 13 s of the suite): each leaves the file
     # (SQLite: its bytes) exactly as it was, and the store answering.
     for name, call, error, named in BAD_CALLS:
-        before = snapshot(backend)
+        before = snapshot(backend, store)
         try:
             with pytest.raises(error, match=named):
                 call(store)
         except (pytest.fail.Exception, Exception) as failed:
             raise AssertionError(f"{name}: {failed!r}") from failed
-        assert snapshot(backend) == before, name
+        assert snapshot(backend, store) == before, name
         assert store.query() == oracle_query(kept), name
     still_works(store)
 
@@ -175,11 +180,11 @@ def test_nul_in_query_arguments(store: TraceStore, backend: Backend) -> None:
         assert store.delete("a\x00b") is True
         return
     store.store(make(id="keep", session_uids=["s"]))
-    before = snapshot(backend)
+    before = snapshot(backend, store)
     for call in calls:
         with pytest.raises(InvalidQueryError, match="NUL"):
             call()
-    assert snapshot(backend) == before
+    assert snapshot(backend, store) == before
 
 
 # -- timestamps far in the past and the future -------------------------------------------------------------
@@ -215,7 +220,7 @@ def test_extreme_timestamps_round_trip_sort_and_page(store: TraceStore, backend:
 def test_a_time_in_milliseconds_is_refused_and_nothing_is_written(store: TraceStore, backend: Backend) -> None:
     """A created_at in milliseconds would top its session for ever (prune refuses future cutoffs)."""
     store.store(make(id="keep", session_uids=["s"], created_at=T0))
-    before = snapshot(backend)
+    before = snapshot(backend, store)
     with pytest.raises(InvalidTraceError, match="past the year 9999: it looks like milliseconds: divide by 1000"):
         make(session_uids=["s"], created_at=T0 * 1000)
     for field_name in ("created_at", "updated_at"):
@@ -223,7 +228,7 @@ def test_a_time_in_milliseconds_is_refused_and_nothing_is_written(store: TraceSt
         setattr(bad, field_name, T0 * 1000)  # fields are mutable: store() checks them again
         with pytest.raises(InvalidTraceError, match="past the year 9999: it looks like milliseconds: divide by 1000"):
             store.store_batch([make(session_uids=["s"], created_at=T0 + 2), bad])
-    assert snapshot(backend) == before
+    assert snapshot(backend, store) == before
     assert [t.id for t in store.get_by_session_uid("s")] == ["keep"]
 
 
@@ -245,11 +250,11 @@ def test_huge_identifiers(store: TraceStore, backend: Backend) -> None:
             assert store.get(batch[0].id) == batch[0]
         assert [t.id for t in store.get_by_session_uid(huge)] == ["x1"]
         return
-    before = snapshot(backend)
+    before = snapshot(backend, store)
     for batch in cases:
         with pytest.raises(StorageError, match="index row"):
             store.store_batch([make(id="fine", session_uids=["s"]), *batch])
-    assert snapshot(backend) == before
+    assert snapshot(backend, store) == before
     assert store.get(huge) is None and store.query(session_uid=huge) == []
     still_works(store)
 
@@ -265,11 +270,11 @@ def test_a_payload_past_sqlite_length_limit_is_refused_whole(db_path: Path, back
 
     with TraceStore(engine) as store:
         store.store(make(id="keep", session_uids=["s"], created_at=T0))
-        before = snapshot(backend)
+        before = snapshot(backend, store)
         batch = [make(id="small", session_uids=["s"]), make(id="big", data="x" * 200_000, session_uids=["s"])]
         with pytest.raises(StorageError, match="too big"):
             store.store_batch(batch)
-        assert snapshot(backend) == before
+        assert snapshot(backend, store) == before
         assert store.get("small") is None
         still_works(store)
     engine.dispose()

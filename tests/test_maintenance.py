@@ -8,6 +8,8 @@ import threading
 import time
 from pathlib import Path
 
+import sqlalchemy
+
 from tracestore import AsyncTraceStore, TraceStore
 from tracestore.retention.upkeep import refresh_statistics
 from tracestore.testing import make_traces
@@ -147,3 +149,39 @@ def test_refresh_statistics_is_bounded_and_cheap_when_fresh(tmp_path: Path) -> N
         assert "PRAGMA analysis_limit=400" in executed[:analyzed]
         # The limit is a setting of the connection, which may be an application's: put back after.
         assert connection.execute("PRAGMA analysis_limit").fetchone() == (0,)
+
+
+def checkpointer_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "tracestore-checkpointer"]
+
+
+def test_the_checkpointer_thread_copies_the_wal_back_after_writes_and_stops_on_close(tmp_path: Path) -> None:
+    path = tmp_path / "traces.db"
+    with TraceStore(f"sqlite:///{path}") as store:
+        checkpointer = store._checkpointer
+        assert checkpointer is not None and not checkpointer_threads()  # nothing written yet
+        for index in range(3):
+            store.store_batch(make_traces(100, session_uids=["s"], seed=index))
+        checkpointer.idle()
+        assert checkpointer.checkpoints >= 1 and len(checkpointer_threads()) == 1
+        # Far below SQLite's autocheckpoint threshold, yet the main file alone holds every trace: the thread
+        # copied the WAL into it while the store went on.
+        assert wal_size(path) > 0
+        alone = tmp_path / "main-file-only.db"
+        alone.write_bytes(path.read_bytes())
+        with sqlite3.connect(alone) as connection:
+            assert connection.execute("SELECT count(*) FROM traces").fetchone() == (300,)
+    assert not checkpointer_threads()
+
+
+def test_no_checkpointer_on_an_application_engine_or_when_checkpoints_are_off(tmp_path: Path) -> None:
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    try:
+        with TraceStore(engine) as store:  # the application's database keeps its own checkpoints
+            store.store_batch(make_traces(10, session_uids=["s"]))
+            assert store._checkpointer is None and not checkpointer_threads()
+    finally:
+        engine.dispose()
+    with TraceStore(f"sqlite:///{tmp_path / 'off.db'}", wal_checkpoint_bytes=0) as store:
+        store.store_batch(make_traces(10, session_uids=["s"]))
+        assert store._checkpointer is None and not checkpointer_threads()

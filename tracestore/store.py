@@ -71,6 +71,8 @@ class TraceStore:
         self._upkeep = maintenance.Upkeep.for_engine(
             engine, wal_limit=wal_checkpoint_bytes, statistics_every=analyze_every
         )
+        # Only on the store's own engine: an application's database keeps its own checkpoints.
+        self._checkpointer = maintenance.Checkpointer.for_upkeep(self._upkeep) if owned else None
         self._migrating = False
         try:
             if read_engine is not None:
@@ -300,6 +302,8 @@ class TraceStore:
 
     def _after_write(self) -> None:
         """The writer's SQLite upkeep after a committed write: a WAL checkpoint or fresh statistics when due."""
+        if self._checkpointer is not None:
+            self._checkpointer.wrote()
         job = self._upkeep.due() if self._upkeep is not None else None
         if job is not None:
             self._run_upkeep(job)
@@ -309,7 +313,7 @@ class TraceStore:
         again after the next one)."""
         assert self._upkeep is not None
         try:
-            with self._engine.connect() as conn:
+            with self._engine.connect() as conn, maintenance.exclusive(self._checkpointer, job):
                 self._upkeep.run(conn, job)
         except SQLAlchemyError as exc:
             upkeep_log.warning("SQLite %s failed (the write itself committed): %s", job, exc)
@@ -340,6 +344,8 @@ class TraceStore:
         """Dispose of the engines the store created (an engine passed in stays the caller's), even when the
         database is gone."""
         try:
+            if self._checkpointer is not None:
+                self._checkpointer.close()
             if self._upkeep is not None and self._upkeep.writes:  # statistics for the next opener (maintenance)
                 self._run_upkeep("statistics")
         finally:

@@ -36,6 +36,10 @@ SQLITE_PRAGMAS: tuple[tuple[str, str], ...] = (
     ("synchronous", "NORMAL"),
     # 64 MiB of page cache keeps the hot part of idx_trace_sessions_uid_time and the traces PK in memory.
     ("cache_size", "-65536"),
+    # Checkpoint every ~40 MB of WAL instead of SQLite's 4 MB: a write of 500 traces dirties ~700 pages, so
+    # the default made nearly every commit pay a checkpoint and its two fsyncs, and the session index leaves
+    # that every batch touches are copied once per checkpoint, not once per commit (docs/performance.md).
+    ("wal_autocheckpoint", "10000"),
 )
 
 

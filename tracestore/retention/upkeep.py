@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
+import threading
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -104,6 +107,117 @@ class Upkeep:
             )
         else:
             self._backoff = CHECKPOINT_BACKOFF
+
+
+# How often the checkpointer thread copies the WAL back at most: each checkpoint then covers several
+# commits, and a page they all touched is copied (and fsynced) once.
+CHECKPOINT_INTERVAL = 0.25
+
+
+class Checkpointer:
+    """Copies the WAL back into the database file from a thread of its own, after the store's writes.
+
+    A checkpoint run by the committing connection (SQLite's autocheckpoint) makes that write wait for the
+    copy and its two fsyncs; from this thread the writer goes on meanwhile (SQLite lets a PASSIVE checkpoint
+    run beside a writer and readers). The autocheckpoint stays on, at a higher threshold, for a thread
+    that falls behind. Started by the first write; `close` stops it.
+    """
+
+    def __init__(self, database: str, *, interval: float = CHECKPOINT_INTERVAL) -> None:
+        self.database = database
+        self.interval = interval
+        self.checkpoints = 0
+        # Held while this thread checkpoints: the writer's own TRUNCATE checkpoint (Upkeep) takes it first,
+        # since two checkpoints at once make the second one return busy.
+        self.running = threading.Lock()
+        self._state = threading.Condition()
+        self._pending = False  # a write committed since the last checkpoint began
+        self._busy = False  # a checkpoint is under way
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def for_upkeep(cls, upkeep: Upkeep | None) -> Checkpointer | None:
+        """The checkpointer of a store's file: None where the Upkeep does no checkpoints (PostgreSQL, :memory:,
+        wal_checkpoint_bytes=0)."""
+        if upkeep is None or not upkeep.wal_limit:
+            return None
+        return cls(upkeep.wal_path.removesuffix("-wal"))
+
+    def wrote(self) -> None:
+        """Called after each committed write: the next checkpoint is due (the thread starts the first time)."""
+        with self._state:
+            if self._stopping:
+                return
+            self._pending = True
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tracestore-checkpointer", daemon=True)
+                self._thread.start()
+            self._state.notify_all()
+
+    def idle(self) -> None:
+        """Wait until every write so far is checkpointed (or the thread has stopped): the file then stays as
+        it is until the next write."""
+        with self._state:
+            self._state.wait_for(lambda: not (self._pending or self._busy) or self._thread is None)
+
+    def close(self) -> None:
+        """Stop the thread after the checkpoint it may be running."""
+        with self._state:
+            self._stopping = True
+            thread = self._thread
+            self._state.notify_all()
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        try:
+            connection = sqlite3.connect(self.database, isolation_level=None, check_same_thread=False)
+            # Checkpoints fsync as the store's connections do (sqlite_connect.SQLITE_PRAGMAS).
+            connection.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as exc:
+            log.warning(
+                "the checkpointer cannot open %s, SQLite's autocheckpoint does its work: %s", self.database, exc
+            )
+            self._stopped()
+            return
+        try:
+            while self._next():
+                try:
+                    with self.running:
+                        connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self.checkpoints += 1
+                except sqlite3.Error as exc:
+                    log.warning("WAL checkpoint failed (SQLite's autocheckpoint does it instead): %s", exc)
+                with self._state:
+                    self._busy = False
+                    self._state.notify_all()
+                    # At most one checkpoint per interval: the next one covers the writes of several commits.
+                    self._state.wait_for(lambda: self._stopping, timeout=self.interval)
+        finally:
+            connection.close()
+            self._stopped()
+
+    def _next(self) -> bool:
+        """Wait for a write to checkpoint; False once stopping."""
+        with self._state:
+            self._state.wait_for(lambda: self._pending or self._stopping)
+            if self._stopping:
+                return False
+            self._pending, self._busy = False, True
+            return True
+
+    def _stopped(self) -> None:
+        with self._state:
+            self._stopping = True  # for good: after a failed open, SQLite's autocheckpoint does the work
+            self._thread = None
+            self._busy = False
+            self._state.notify_all()
+
+
+def exclusive(checkpointer: Checkpointer | None, job: Job) -> AbstractContextManager[Any]:
+    """What to hold while running `job`: a checkpoint waits for the checkpointer thread's to end."""
+    return checkpointer.running if checkpointer is not None and job == "checkpoint" else nullcontext()
 
 
 def refresh_statistics(cursor: Any) -> list[str]:
