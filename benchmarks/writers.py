@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -16,13 +17,20 @@ from tracestore.queries import compiled, statements_for
 HOT_SHARE = 0.1
 
 
-def fresh_traces(count: int, *, start: float, seed: int, hot_uid: str) -> list[TraceContext]:
-    """New traces in the generator's shape: 10 % hot session, 20 % in two sessions, ~300-byte payloads."""
+def fresh_traces(
+    count: int, *, start: float, seed: int, hot_uid: str, sessions: int = 500, uuid4_ids: bool = False
+) -> list[TraceContext]:
+    """New traces in the generator's shape: 10 % hot session, 20 % in two sessions, ~300-byte payloads.
+
+    The other `sessions` have uuid-shaped ids, as the generator's do. Trace ids are the store's own
+    (time-ordered) unless `uuid4_ids`: random ids, as an application that brings its own would write.
+    """
     rng = random.Random(seed)
-    others = [f"writer-{k:04d}" for k in range(500)]
+    others = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(sessions)]
     filler = "".join(rng.choices("abcdefghijklmnopqrstuvwxyz ", k=4096))
     traces = []
     for seq in range(count):
+        own_id = {"id": str(uuid.UUID(int=rng.getrandbits(128), version=4))} if uuid4_ids else {}
         sessions = [hot_uid if rng.random() < HOT_SHARE else rng.choice(others)]
         if rng.random() < 0.2:
             sessions.append(rng.choice(others))
@@ -35,12 +43,13 @@ def fresh_traces(count: int, *, start: float, seed: int, hot_uid: str) -> list[T
                 metadata={"host": "worker-01", "sdk": "1.4.0", "attempt": 1},
                 session_uids=tuple(sessions),
                 created_at=start + seq * 0.001,
+                **own_id,
             )
         )
     return traces
 
 
-def _encoded(trace: TraceContext) -> dict[str, Any]:
+def encoded(trace: TraceContext) -> dict[str, Any]:
     return {
         "id": trace.id,
         "context_type": trace.context_type,
@@ -63,7 +72,7 @@ def raw_store_writer(connection: sqlite3.Connection) -> Callable[[list[TraceCont
     def write(batch: list[TraceContext]) -> None:
         traces, links = [], []
         for trace in batch:
-            traces.append(insert.args(_encoded(trace)))
+            traces.append(insert.args(encoded(trace)))
             for uid in trace.session_uids:
                 links.append(link.args({"trace_id": trace.id, "session_uid": uid, "created_at": trace.created_at}))
         connection.execute("BEGIN IMMEDIATE")
@@ -86,7 +95,7 @@ def plain_writer(connection: sqlite3.Connection, *, junction_time: bool) -> Call
     )
 
     def write(batch: list[TraceContext]) -> None:
-        traces = [tuple(_encoded(trace).values()) for trace in batch]
+        traces = [tuple(encoded(trace).values()) for trace in batch]
         links = [
             (trace.id, uid, trace.created_at) if junction_time else (trace.id, uid)
             for trace in batch
