@@ -133,8 +133,8 @@ def databases(names: Sequence[str]) -> Iterator[dict[str, URL]]:
             admin.execute(f"CREATE DATABASE {url.database}")
         try:
             for url in made.values():
-                upgrade(url)
-                finalize(url)
+                upgrade(url.render_as_string(hide_password=False))
+                finalize(url.render_as_string(hide_password=False))
             yield made
         finally:
             for url in made.values():
@@ -177,7 +177,7 @@ def postgresql_run(batches: list[list[TraceContext]]) -> dict[str, Any]:
     """store_batch against raw COPY and against the store's statements run raw, each into its own database."""
     with databases(["store", "copy", "unnest"]) as urls:
         raw = {name: psycopg.connect(**conninfo(urls[name])) for name in ("copy", "unnest")}
-        store = TraceStore(urls["store"])
+        store = TraceStore(urls["store"].render_as_string(hide_password=False))
         try:
             return interleave(
                 {"store": store.store_batch, "copy": copy_writer(raw["copy"]), "unnest": unnest_writer(raw["unnest"])},
