@@ -19,6 +19,7 @@ own unnest statements (insert, then links) run raw. All three write the same row
 
     python benchmarks/write_path.py --traces 1m --write-traces 100000 --runs 3
     python benchmarks/write_path.py --legacy L.db --head H.db ...   # files you made (H at head, finalized)
+    python benchmarks/write_path.py --traces 10m --in-place ...     # 10M: no copies, the files grow each run
 """
 
 from __future__ import annotations
@@ -106,18 +107,22 @@ def interleave(writers: dict[str, Writer], batches: Sequence[list[TraceContext]]
     }
 
 
-def sqlite_run(legacy: Path, head: Path, batches: list[list[TraceContext]], workdir: Path) -> dict[str, Any]:
-    legacy_copy = copy_db(legacy, workdir / "write-run-legacy.db")
-    head_copy = copy_db(head, workdir / "write-run-store.db")
+def sqlite_run(
+    legacy: Path, head: Path, batches: list[list[TraceContext]], workdir: Path, *, in_place: bool
+) -> dict[str, Any]:
+    """One run on fresh copies of the two files, or (in_place, for files too big to copy) into the files."""
+    if not in_place:
+        legacy = copy_db(legacy, workdir / "write-run-legacy.db")
+        head = copy_db(head, workdir / "write-run-store.db")
     os.sync()  # the copies' dirty pages would otherwise be written back inside some writer's first fsync
     try:
-        with closing(connect(legacy_copy)) as connection, TraceStore(f"sqlite:///{head_copy}") as store:
-            return interleave(
-                {"legacy": plain_writer(connection, junction_time=False), "store": store.store_batch}, batches
-            )
+        with closing(connect(legacy)) as connection, TraceStore(f"sqlite:///{head}") as store:
+            writers = {"legacy": plain_writer(connection, junction_time=False), "store": store.store_batch}
+            return interleave(writers, batches)
     finally:
-        remove_db(legacy_copy)
-        remove_db(head_copy)
+        if not in_place:
+            remove_db(legacy)
+            remove_db(head)
 
 
 @contextmanager
@@ -202,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--payload-bytes", type=int, default=300)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--workdir", default=str(DEFAULT_WORKDIR))
+    parser.add_argument("--in-place", action="store_true", help="write into the files instead of fresh copies")
     parser.add_argument("--postgresql", action="store_true", help="the PostgreSQL comparison instead")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -226,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         else:
             legacy, head = files(args)
-            result = sqlite_run(legacy, head, batches, Path(args.workdir))
+            result = sqlite_run(legacy, head, batches, Path(args.workdir), in_place=args.in_place)
             ratio = result["store"]["traces_per_s"] / result["legacy"]["traces_per_s"]
             result["ratio"] = ratio
             line = (
