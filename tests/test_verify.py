@@ -366,17 +366,17 @@ def test_verify_help_describes_the_index_as_it_is() -> None:
 def test_an_invalid_index_elsewhere_is_reported_not_repaired_and_does_not_block_fix(pg_db: Backend) -> None:
     """PostgreSQL's "integrity": an INVALID index other than the session index (a failed REINDEX or
     CREATE INDEX CONCURRENTLY) is the operator's to rebuild; --fix still repairs the links."""
-    plant(pg_db, "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'idx_traces_namespace'::regclass", ORPHAN)
+    plant(pg_db, "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'idx_traces_created_at'::regclass", ORPHAN)
     report = verify(pg_db.url)
     assert failing(report.checks) == {"integrity", "orphans", "foreign_keys"}
-    assert report.check("integrity").details == ("idx_traces_namespace",)
+    assert report.check("integrity").details == ("idx_traces_created_at",)
     assert report.repairable
     fixed = run("verify", "--fix", "--url", pg_db.url)
     assert fixed.exit_code == 1, fixed.output
     assert "removed 1 orphan" in fixed.stdout
     assert "REINDEX INDEX CONCURRENTLY" in fixed.stdout
     assert failing(verify(pg_db.url).checks) == {"integrity"}
-    plant(pg_db, "REINDEX INDEX idx_traces_namespace")
+    plant(pg_db, "REINDEX INDEX idx_traces_created_at")
     assert verify(pg_db.url).ok
 
 
