@@ -424,7 +424,8 @@ class Bench:
                 remove_db(path)
 
         timings = {name: Timing.of(values) for name, values in samples.items()}
-        rate = {name: size / (t.median_ms / 1e3) for name, t in timings.items()}
+        # Traces over the writer's whole time, not its median batch: checkpoints are part of writing.
+        rate = {name: count / (sum(values) / 1e9) for name, values in samples.items()}
         self.out["writes"] = {"traces": count, "batch_size": size, "rows_per_s": rate, "own_files": copies}
         self.out["timings"]["writes"] = timings
 
@@ -434,7 +435,7 @@ class Bench:
             target_text = "" if target is None else f">= {target:g}x"
             return Line(label, f"{rate[measured]:,.0f}/s", f"{rate[base]:,.0f}/s", ratio, target_text, verdict)
 
-        self.lines.append(line(f"write rows/s, store_batch / legacy INSERTs (batch {size})", "store", "legacy", 0.95))
+        self.lines.append(line(f"write traces/s, store_batch / legacy INSERTs (batch {size})", "store", "legacy", 1.0))
         if copies:
             self.lines += [
                 line("  plain INSERTs, migrated / legacy schema", "new-plain", "legacy"),
