@@ -16,8 +16,15 @@ One run, one data set:
   6. with --downgrade, the migrated file is downgraded to 0001 step by step (timed, no writer) and its
      legacy links, columns and integrity_check compared with the legacy file.
 
+Bytes written: the upgrade process's /proc/self/io (write_bytes, wchar, rchar) from the first step through a
+final WAL checkpoint, and the writer's own write_bytes (its auto-checkpoints copy the upgrade's frames too);
+and, unless --no-plain, `tracestore upgrade` of another copy in a process of its own with no writer (its
+seconds and write_bytes from getrusage), then the cold 10-minute window (raw sqlite3 and the store) on that
+migrated file and the session index's fill from dbstat (--one-sort: again after REINDEX, the index built in
+one sort). --ids uuid4 runs it all on a copy of the legacy file with uuid4 trace ids (uuid4_ids.py).
+
     python benchmarks/bench_migration.py --scale 1m [--batch-size N] [--writer-rate 500] [--no-kill] [--keep]
-                                         [--json out.json]
+                                         [--ids uuid4] [--no-plain] [--one-sort] [--json out.json]
 
 Exit status: 0 when the migrated file is right (missed targets are reported, not fatal); 2 when it is not:
 the upgrade failed, the writer lost a write, integrity_check failed, orphans are left, a link is wrong
@@ -39,12 +46,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import cold_cache
 from common import (
     DEFAULT_WORKDIR,
+    WINDOW_S,
     checkpoint,
     copy_db,
     data_options,
@@ -53,10 +62,11 @@ from common import (
     parse_scale,
     remove_db,
 )
+from uuid4_ids import copy_with_uuid4_ids
 
 from tracestore.errors import StorageError
 from tracestore.migrate import current_revision, downgrade, head_revision, upgrade
-from tracestore.migrate.backfill import DEFAULT_BATCH_SIZE, PROGRESS_TABLE
+from tracestore.migrate.backfill import PROGRESS_TABLE
 from tracestore.testing.bulk import GenerateReport, generate_legacy
 
 STEPS = {
@@ -65,7 +75,13 @@ STEPS = {
     "0003": "0003 backfill (fills the index too)",
     "0004": "0004 drop the legacy session index + ANALYZE",
 }
+LABELS = {**STEPS, "later": "the revisions after 0004"}
 STALL_TARGET_S = 1.0
+BYTES_TARGET = 3.0  # bytes the upgrade writes / the legacy file's size
+# At 10M traces: `tracestore upgrade` seconds, and the cold 10-minute window on the migrated file.
+UPGRADE_TARGET_S_10M = 150.0
+COLD_WINDOW_TARGET_MS_10M = 350.0
+COLD_RUNS = 5
 SIZE_TARGET = 1.05
 WRITER_NAMESPACE = "rolling-deploy-writer"  # marks the writer's traces in the work file
 
@@ -89,7 +105,15 @@ others = [f"rolling-{k:04d}" for k in range(500)]
 filler = "".join(rng.choices("abcdefghijklmnopqrstuvwxyz ", k=4096))
 metadata = json.dumps({"host": "worker-01", "sdk": "0.9.0", "attempt": 1})
 interval = 1.0 / rate if rate > 0 else 0.0
-starts, latencies, waits, commits, failures = [], [], [], [], []
+starts, latencies, waits, commits, failures, written = [], [], [], [], [], []
+
+
+def write_bytes():
+    with open("/proc/self/io") as io:
+        return next(int(line.split()[1]) for line in io if line.startswith("write_bytes"))
+
+
+
 due = time.perf_counter()
 while not stop.is_set():
     if interval:
@@ -122,11 +146,12 @@ while not stop.is_set():
     starts.append(started)
     waits.append(locked - started)  # BEGIN IMMEDIATE: waiting for the write lock
     commits.append(time.perf_counter_ns() - committing)  # COMMIT, with any WAL auto-checkpoint it runs
+    written.append(write_bytes())  # its own WAL frames, and the frames its auto-checkpoints copy
     if len(starts) == 1:
         print("ready", flush=True)
 connection.close()
 result = {"starts_ns": starts, "latencies_ns": latencies, "waits_ns": waits, "commits_ns": commits,
-          "failures": failures}
+          "write_bytes": written, "failures": failures}
 print(json.dumps(result), flush=True)
 """
 
@@ -187,8 +212,51 @@ def latency_stats(samples_ns: Sequence[int]) -> dict[str, Any]:
     }
 
 
+def process_io(pid: int | str = "self") -> dict[str, int]:
+    """/proc/PID/io: bytes a process read and wrote through system calls (rchar, wchar) and caused to be
+    written to the storage layer (write_bytes, counted when a page of the page cache is first dirtied)."""
+    fields = (line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return {name: int(value) for name, value in fields}
+
+
+def io_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {name: after[name] - before[name] for name in ("rchar", "wchar", "read_bytes", "write_bytes")}
+
+
+def wal_checkpoint(path: Path, *, tries: int = 50) -> list[int]:
+    """PRAGMA wal_checkpoint(TRUNCATE) from this process, again while the writer keeps it busy:
+    (busy, WAL frames, frames checkpointed) of the last try."""
+    connection = sqlite3.connect(path, isolation_level=None, timeout=10)
+    try:
+        for _ in range(tries):
+            result = list(connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+            if result[0] == 0:
+                break
+            time.sleep(0.01)
+        return result
+    finally:
+        connection.close()
+
+
+def writer_bytes(written: dict[str, Any], start_ns: int, end_ns: int) -> dict[str, int]:
+    """What the writer process wrote during the upgrade, and of it what exceeds its typical commit (the
+    median before and after): the upgrade's WAL frames its auto-checkpoints copied into the file."""
+    inside, outside = [], []
+    previous = None
+    for started, total in zip(written["starts_ns"], written["write_bytes"], strict=True):
+        if previous is not None:
+            (inside if start_ns <= started < end_ns else outside).append(total - previous)
+        previous = total
+    typical = sorted(outside)[len(outside) // 2] if outside else 0
+    return {
+        "during_upgrade": sum(inside),
+        "typical_commit": typical,
+        "above_typical": sum(max(0, delta - typical) for delta in inside),
+    }
+
+
 class Bench:
-    def __init__(self, args: argparse.Namespace, batch_size: int) -> None:
+    def __init__(self, args: argparse.Namespace, batch_size: int | None) -> None:
         self.args = args
         self.workdir: Path = args.workdir
         self.batch_size = batch_size
@@ -200,6 +268,7 @@ class Bench:
             "seed": args.seed,
             "batch_size": batch_size,
             "writer_rate": args.writer_rate,
+            "ids": args.ids,
             "settle_s": args.settle,
             "revision": git_revision(),
             "sqlite": sqlite3.sqlite_version,
@@ -227,6 +296,21 @@ class Bench:
         sidecar.write_text(json.dumps({"options": options, "report": asdict(report)}))
         return report
 
+    def uuid4_file(self, time_ordered: GenerateReport) -> GenerateReport:
+        """The legacy file with uuid4 trace ids instead of time-ordered ones (uuid4_ids.py), kept with --keep."""
+        source = Path(time_ordered.path)
+        path = source.with_name(source.stem + "-uuid4.db")
+        if not (self.args.keep and path.exists()):
+            remove_db(path)
+            self.log(f"copying {source.name} with uuid4 trace ids into {path.name}")
+            started = time.perf_counter()
+            copy_with_uuid4_ids(source, path)
+            self.log(f"  copied in {time.perf_counter() - started:.1f} s")
+        if not self.args.keep:
+            remove_db(source)
+            source.with_suffix(".json").unlink(missing_ok=True)
+        return replace(time_ordered, path=str(path), file_bytes=path.stat().st_size)
+
     # 2 + 3. the upgrade, step by step, under the writer
     def upgrade_under_writer(self, work: Path) -> dict[str, Any]:
         url = f"sqlite:///{work}"
@@ -238,6 +322,7 @@ class Bench:
         retried: dict[str, list[str]] = {revision: [] for revision in STEPS}
         try:
             time.sleep(self.args.settle)
+            io_before, upgrade_started = process_io(), time.perf_counter()
             for revision in STEPS:
                 self.log(f"upgrade to {STEPS[revision]}")
                 marks.append((revision, time.perf_counter_ns()))
@@ -249,6 +334,22 @@ class Bench:
                     else:
                         reports[name] = report
                 steps[revision] = time.perf_counter() - started
+            if current_revision(url) != head_revision():  # revisions after 0004, as one step
+                self.log("upgrade to head (later revisions)")
+                marks.append(("later", time.perf_counter_ns()))
+                started = time.perf_counter()
+                retried.setdefault("later", [])
+                self.upgrade_step(url, "head", retried)
+                steps["later"] = time.perf_counter() - started
+            checkpoint_started = time.perf_counter()
+            final_checkpoint = wal_checkpoint(work)
+            upgrade_io = io_delta(io_before, process_io())
+            self.out["upgrade_io"] = {
+                **upgrade_io,
+                "final_checkpoint": final_checkpoint,
+                "final_checkpoint_s": time.perf_counter() - checkpoint_started,
+                "seconds_through_checkpoint": time.perf_counter() - upgrade_started,
+            }
             marks.append(("after", time.perf_counter_ns()))
             time.sleep(self.args.settle)
         finally:
@@ -311,6 +412,7 @@ class Bench:
             for latency, started in timed[:10]
         ]
         figures = {
+            "write_bytes": writer_bytes(written, bounds[1], bounds[-1]),
             "commits": len(latencies),
             "failures": written["failures"],
             "during_upgrade": latency_stats(upgrading),
@@ -374,6 +476,24 @@ class Bench:
             )
         self.lines_for(data, writer, checks)
 
+    def io_lines(self, data: GenerateReport, writer: dict[str, Any]) -> list[Line]:
+        io, by_writer = self.out["upgrade_io"], writer["write_bytes"]
+        ratio = io["write_bytes"] / data.file_bytes
+        return [
+            Line(
+                "upgrade under the writer: bytes written by the upgrade, through the final checkpoint / legacy file",
+                f"{ratio:.2f}x ({_gb(io['write_bytes'])} write_bytes, {_gb(io['wchar'])} wchar, {_gb(io['rchar'])}"
+                f" rchar; {_s(io['seconds_through_checkpoint'])} with the checkpoint)",
+                f"<= {BYTES_TARGET:g}x",
+                ratio <= BYTES_TARGET,
+            ),
+            Line(
+                "  the writer process during the upgrade: write_bytes, of them above its typical commit",
+                f"{_gb(by_writer['during_upgrade'])}, {_gb(by_writer['above_typical'])}"
+                f" (typical commit {by_writer['typical_commit']:,} B)",
+            ),
+        ]
+
     def lines_for(self, data: GenerateReport, writer: dict[str, Any], checks: dict[str, Any]) -> None:
         up, backfill, index = self.out["upgrade"], self.out["backfill"] or {}, self.out["index"] or {}
         steps = up["steps"]
@@ -392,7 +512,7 @@ class Bench:
                 f" drop idx_trace_sessions_trace {_s(index.get('drop_trace_index_seconds'))},"
                 f" index {_s(index.get('index_seconds'))})",
             ),
-            Line(f"  {STEPS['0003']} (batch {self.batch_size:,})", _s(steps["0003"])),
+            Line(f"  {STEPS['0003']} (batch {_batch(self.batch_size)})", _s(steps["0003"])),
             Line(
                 f"  {STEPS['0004']}",
                 f"{_s(steps['0004'])} (drop {_s(index.get('drop_seconds'))},"
@@ -409,6 +529,7 @@ class Bench:
                 f"{rate:,.0f}/s ({backfill.get('rows_scanned', 0):,} rows, {backfill.get('rows_updated', 0):,}"
                 f" filled, {backfill.get('orphans_removed', 0):,} orphans removed)",
             ),
+            *self.io_lines(data, writer),
             Line(
                 "writer inserts during the upgrade: count, p50 / p99 / max",
                 f"{during['count']:,}, {_ms(during['p50_ms'])} / {_ms(during['p99_ms'])} / {_ms(during['max_ms'])}",
@@ -421,7 +542,7 @@ class Bench:
             ),
             *(
                 Line(
-                    f"  inserts started {'in ' + STEPS[name] if name in STEPS else name + ' the upgrade'}: max",
+                    f"  inserts started {'in ' + LABELS[name] if name in LABELS else name + ' the upgrade'}: max",
                     f"{_ms(stats['max_ms'])} (lock wait {_ms(stats['lock_wait_max_ms'])},"
                     f" COMMIT {_ms(stats['commit_max_ms'])}; {stats['count']:,} inserts, p50 {_ms(stats['p50_ms'])})",
                 )
@@ -498,6 +619,123 @@ def saved_position(path: Path) -> int | None:
     return row[0] if row else None
 
 
+INDEX_LEAVES = (
+    "SELECT count(*), sum(pgsize), sum(unused) FROM dbstat"
+    " WHERE name = 'idx_trace_sessions_uid_time' AND pagetype = 'leaf'"
+)
+
+
+def index_leaves(path: Path) -> dict[str, Any]:
+    """The session index's leaf pages and how full they are (dbstat)."""
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        pages, size, unused = connection.execute(INDEX_LEAVES).fetchone()
+    finally:
+        connection.close()
+    return {"leaf_pages": pages, "leaf_fill": 1 - unused / size if size else None}
+
+
+class PlainUpgrade:
+    """`tracestore upgrade` of a copy in a process of its own, no writer: its seconds and the bytes it wrote
+    (getrusage of the child, through its last checkpoint), then the cold 10-minute window on the migrated
+    file, raw sqlite3 and the store, and the session index's fill; with --one-sort, the same after the index
+    is rebuilt in one sort (REINDEX), the reference a batched fill is held to."""
+
+    def __init__(self, bench: Bench, legacy: Path) -> None:
+        self.bench, self.legacy = bench, legacy
+        self.work = bench.workdir / "migration-plain.db"
+
+    def run(self, data: GenerateReport) -> None:
+        bench = self.bench
+        copy_db(self.legacy, self.work)
+        url = f"sqlite:///{self.work}"
+        tracestore = Path(sys.executable).parent / "tracestore"
+        command = [str(tracestore), "--url", url, "upgrade", *_batch_option(bench.batch_size)]
+        bench.log("plain upgrade: `tracestore upgrade` of a copy, no writer")
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        assert process.stderr is not None
+        errors = process.stderr.read()
+        process.stderr.close()
+        result: dict[str, Any] = {
+            "seconds": seconds,
+            "exit": process.returncode,
+            # ru_oublock counts 512-byte blocks: the child's write_bytes less what was cancelled by truncation.
+            "write_bytes": usage.ru_oublock * 512,
+            "read_bytes": usage.ru_inblock * 512,
+            "revision": current_revision(url),
+        }
+        if process.returncode != 0 or result["revision"] != head_revision():
+            bench.problems.append(f"plain upgrade failed: {result}, {errors[-2000:]}")
+            bench.out["plain_upgrade"] = result
+            return
+        result["index"] = index_leaves(self.work)
+        bench.log("plain upgrade: cold 10-minute window on the migrated file")
+        result["cold"] = self.cold()
+        if bench.args.one_sort:
+            bench.log("plain upgrade: REINDEX the session index (one sort), cold window again")
+            connection = sqlite3.connect(self.work, isolation_level=None)
+            try:
+                connection.execute("REINDEX idx_trace_sessions_uid_time")
+            finally:
+                connection.close()
+            result["one_sort"] = {"index": index_leaves(self.work), "cold": self.cold()}
+        bench.out["plain_upgrade"] = result
+        bench.lines += self.lines(data, result)
+
+    def cold(self) -> dict[str, float]:
+        measured = cold_cache.measure(self.work, since=self.bench.out["data"]["now"] - WINDOW_S, runs=COLD_RUNS)
+        return {name: timing.median_ms for name, timing in measured["timings"].items()}
+
+    def lines(self, data: GenerateReport, result: dict[str, Any]) -> list[Line]:
+        at_10m = data.traces >= 10_000_000
+        ratio = result["write_bytes"] / data.file_bytes
+        cold, index = result["cold"], result["index"]
+        window_ms = max(cold["raw window"], cold["store window"])
+        lines = [
+            Line(
+                "`tracestore upgrade` alone (no writer): seconds",
+                _s(result["seconds"]),
+                f"<= {UPGRADE_TARGET_S_10M:g} s at 10M" if at_10m else "",
+                result["seconds"] <= UPGRADE_TARGET_S_10M if at_10m else None,
+            ),
+            Line(
+                "  bytes written (getrusage, through its last checkpoint) / legacy file",
+                f"{ratio:.2f}x ({_gb(result['write_bytes'])} of {_gb(data.file_bytes)};"
+                f" read {_gb(result['read_bytes'])})",
+                f"<= {BYTES_TARGET:g}x",
+                ratio <= BYTES_TARGET,
+            ),
+            Line(
+                "  cold 10-minute window on the migrated file: raw sqlite3 / store (median)",
+                f"{_ms(cold['raw window'])} / {_ms(cold['store window'])}"
+                f" (latest-100: {_ms(cold['raw latest'])} / {_ms(cold['store latest'])})",
+                f"<= {COLD_WINDOW_TARGET_MS_10M:g} ms at 10M" if at_10m else "",
+                window_ms <= COLD_WINDOW_TARGET_MS_10M if at_10m else None,
+            ),
+            Line(
+                "  session index leaves: pages, fill (dbstat)",
+                f"{index['leaf_pages']:,}, {100 * index['leaf_fill']:.1f}%",
+            ),
+        ]
+        if "one_sort" in result:
+            sort = result["one_sort"]
+            lines.append(
+                Line(
+                    "  after REINDEX (one sort): cold window raw / store, leaves, fill",
+                    f"{_ms(sort['cold']['raw window'])} / {_ms(sort['cold']['store window'])},"
+                    f" {sort['index']['leaf_pages']:,}, {100 * sort['index']['leaf_fill']:.1f}%",
+                )
+            )
+        return lines
+
+    def cleanup(self) -> None:
+        remove_db(self.work)
+
+
 class KillAndRerun:
     """5. SIGKILL a real `tracestore upgrade` at a random point of its backfill, rerun, compare."""
 
@@ -512,7 +750,7 @@ class KillAndRerun:
         copy_db(self.legacy, self.work)
         url = f"sqlite:///{self.work}"
         tracestore = Path(sys.executable).parent / "tracestore"
-        command = [str(tracestore), "--url", url, "upgrade", "--batch-size", str(bench.batch_size)]
+        command = [str(tracestore), "--url", url, "upgrade", *_batch_option(bench.batch_size)]
         bench.log(f"crash test: upgrading a copy, SIGKILL once the backfill passes rowid {target:,} ({fraction:.0%})")
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         started = time.perf_counter()
@@ -556,7 +794,8 @@ class KillAndRerun:
         if result["revision_after_rerun"] != head_revision() or result["integrity_check"] != ["ok"]:
             bench.problems.append(f"crash test: the rerun file is not right: {result}")
         scanned = result["rerun_rows_scanned"]
-        resumed = scanned is not None and position is not None and scanned <= data.links - position + bench.batch_size
+        left = None if position is None else data.links - position + (bench.batch_size or 0)
+        resumed = scanned is not None and left is not None and scanned <= left
         bench.lines += [
             Line(
                 "kill -9 during the backfill, then rerun: links and checksum equal the uninterrupted run's",
@@ -619,8 +858,16 @@ def downgrade_to_legacy(bench: Bench, legacy: Path, migrated: Path) -> None:
 def _span(stall: dict[str, Any] | None) -> str:
     if stall is None:
         return "no inserts"
-    started, ended = (STEPS.get(stall[key], f"{stall[key]} the upgrade") for key in ("started_in", "ended_in"))
+    started, ended = (LABELS.get(stall[key], f"{stall[key]} the upgrade") for key in ("started_in", "ended_in"))
     return f"in {started}" if started == ended else f"from {started} to {ended}"
+
+
+def _batch(size: int | None) -> str:
+    return f"{size:,}" if size else "the engine's default"
+
+
+def _batch_option(size: int | None) -> list[str]:
+    return ["--batch-size", str(size)] if size else []
 
 
 def _s(seconds: float | None) -> str:
@@ -633,6 +880,10 @@ def _ms(ms: float | None) -> str:
     return f"{ms:.2f} ms" if ms < 10 else f"{ms:,.0f} ms"
 
 
+def _gb(size: int) -> str:
+    return f"{size / 1e9:,.2f} GB"
+
+
 def _mb(size: int) -> str:
     return f"{size / 1e6:,.1f} MB"
 
@@ -643,7 +894,7 @@ def render(bench: Bench, data: GenerateReport) -> str:
     header = (
         f"tracestore migration bench @ {bench.out['config']['revision']} (SQLite {sqlite3.sqlite_version}): "
         f"{data.traces:,} legacy traces, {data.links:,} links ({generated})\n"
-        f"upgrade step by step with batch size {bench.batch_size:,}, while a legacy writer process inserts "
+        f"upgrade step by step with batch size {_batch(bench.batch_size)}, while a legacy writer process inserts "
         f"{'as fast as it can' if rate <= 0 else f'{rate:g} traces/s'}, one trace per transaction"
     )
     columns = ("measure", "measured", "target", "verdict")
@@ -663,7 +914,11 @@ def render(bench: Bench, data: GenerateReport) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=parse_scale, default="1m", help="traces to generate: 10k, 100k, 1m, 2m...")
-    parser.add_argument("--batch-size", type=int, help=f"backfill batch size (default {DEFAULT_BATCH_SIZE:,})")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="backfill rows per transaction (default: the upgrade's own, see tracestore.migrate.backfill)",
+    )
     parser.add_argument("--writer-rate", type=float, default=500.0, help="writer inserts/s, 0 = unpaced (default 500)")
     parser.add_argument("--settle", type=float, default=1.0, help="seconds of writing before and after the upgrade")
     parser.add_argument(
@@ -672,7 +927,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="scratch directory (gitignored)")
     parser.add_argument("--keep", action="store_true", help="keep the files, and reuse a matching legacy file")
     parser.add_argument("--no-kill", action="store_true", help="skip the kill -9 / rerun crash test")
+    parser.add_argument(
+        "--no-plain", action="store_true", help="skip the writer-less `tracestore upgrade` (bytes, cold window)"
+    )
+    parser.add_argument(
+        "--one-sort", action="store_true", help="also time the cold window after REINDEX of the session index"
+    )
     parser.add_argument("--downgrade", action="store_true", help="finally downgrade the migrated file to 0001, timed")
+    parser.add_argument(
+        "--ids",
+        choices=("time-ordered", "uuid4"),
+        default="time-ordered",
+        help="trace ids of the legacy file: the generator's time-ordered ones, or uuid4 (random order)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -682,18 +949,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     configured = os.environ.get("TRACESTORE_BATCH_SIZE")
     if configured and args.batch_size is not None and int(configured) != args.batch_size:
         parser.error(f"TRACESTORE_BATCH_SIZE={configured} would override --batch-size; unset it")
-    batch_size = args.batch_size or int(configured or DEFAULT_BATCH_SIZE)
+    batch_size = args.batch_size or (int(configured) if configured else None)  # None: the engine's default
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     bench = Bench(args, batch_size)
     data = bench.legacy_file()
+    if args.ids == "uuid4":
+        data = bench.uuid4_file(data)
     legacy = Path(data.path)
     bench.out["data"] = asdict(data)
     work = copy_db(legacy, args.workdir / "migration-work.db")
     crash = KillAndRerun(bench, legacy, work)
+    plain = PlainUpgrade(bench, legacy)
     try:
         writer = bench.upgrade_under_writer(work)
         bench.check(legacy, work, data, writer)
+        if not args.no_plain:
+            try:
+                plain.run(data)
+            finally:
+                plain.cleanup()
         if not args.no_kill:
             crash.run(data)
         if args.downgrade:

@@ -25,11 +25,23 @@ def test_bench_migration_runs_under_a_writer_and_prints_the_stall_row(tmp_path: 
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
     assert result.returncode == 0, result.stderr
-    for label in ("longest writer stall", "backfill rows/s", "file size migrated / legacy", "integrity_check"):
+    labels = (
+        "longest writer stall",
+        "backfill rows/s",
+        "file size migrated / legacy",
+        "integrity_check",
+        "bytes written",
+    )
+    for label in labels:
         assert label in result.stdout
     report = json.loads(out.read_text())
     assert report["problems"] == []
-    assert set(report["upgrade"]["steps"]) == {"0001", "0002", "0003", "0004"}
+    assert {"0001", "0002", "0003", "0004"} <= set(report["upgrade"]["steps"])  # later revisions as one more step
+    # Bytes written by the upgrade (through its last checkpoint), under the writer and alone, and the cold window.
+    assert report["upgrade_io"]["write_bytes"] > 0 and report["writer"]["write_bytes"]["during_upgrade"] > 0
+    plain = report["plain_upgrade"]
+    assert plain["exit"] == 0 and plain["write_bytes"] > 0 and plain["cold"]["raw window"] > 0
+    assert 0 < plain["index"]["leaf_fill"] <= 1
     checks = report["checks"]
     assert checks["integrity_check"] == ["ok"]
     assert checks["orphans"] == checks["wrong_links"] == 0
