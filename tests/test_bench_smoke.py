@@ -36,7 +36,7 @@ def test_bench_suite_writes_the_table_json_markdown_and_plots(tmp_path: Path) ->
         "keyset page",
         "cold cache: store, 10-min window",
         "file size",
-        "write rows/s, store_batch / legacy INSERTs",
+        "write traces/s, store_batch / legacy INSERTs",
         "reader threads + 1 writer",
         "reader tasks + 1 writer",
         "ORM entities / raw floor, latest 100",

@@ -109,6 +109,20 @@ def test_a_limit_stops_the_index_walk_after_n_entries(
     assert index_rows(plan) == [100], plan  # 100 entries read out of the session's 50,000
 
 
+def test_latest_100_reads_two_primary_key_probes_per_returned_trace(planner_db: tuple[Backend, TraceStore]) -> None:
+    """Beyond its 100 entries of the session index, a latest-100 reads per returned trace one probe of
+    traces' primary key (the row) and one index-only probe of the junction's (the trace's session list,
+    which the answer carries): 200 probes whatever the session's size or where its traces sit in time.
+    No heap fetch of the junction once VACUUM has set the visibility map."""
+    backend, store = planner_db
+    plan = analyzed(backend, *prepare_query(statements_for(store.engine.dialect.name), session_uid="hot", limit=100))
+    assert index_rows(plan) == [100], plan
+    assert re.search(r"-> +Index Scan using \w+ on traces \(actual rows=1 loops=100\)", plan), plan
+    session_list = r"-> +Index Only Scan using \w+ on trace_sessions s \(actual rows=1 loops=100\)\n"
+    assert re.search(session_list + r" +Index Cond: \(trace_id = traces\.id\)\n +Heap Fetches: 0\b", plan), plan
+    assert "Seq Scan" not in plan and "Sort" not in plan, plan
+
+
 @pytest.mark.parametrize("session_uid", ["hot", "other", "s7"])
 def test_answers_on_the_planner_database_match_the_oracle(
     planner_db: tuple[Backend, TraceStore], session_uid: str
