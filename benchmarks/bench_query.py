@@ -245,8 +245,8 @@ class Bench:
         raw.close()
         self.out["timings"].update({"async window": window, "async latest": latest})
         self.lines += [
-            ratio_line("async store / raw, 10-min window", window["async"], window["raw"], 1.4),
-            ratio_line(f"async store / raw, latest {LATEST}", latest["async"], latest["raw"], 2.5),
+            ratio_line("async store / raw, 10-min window", window["async"], window["raw"], 1.3),
+            ratio_line(f"async store / raw, latest {LATEST}", latest["async"], latest["raw"], 2.0),
         ]
 
     # 3d. keyset pages deep in the hot session, and several sessions at once
