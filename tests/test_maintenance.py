@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import threading
@@ -185,3 +186,17 @@ def test_no_checkpointer_on_an_application_engine_or_when_checkpoints_are_off(tm
     with TraceStore(f"sqlite:///{tmp_path / 'off.db'}", wal_checkpoint_bytes=0) as store:
         store.store_batch(make_traces(10, session_uids=["s"]))
         assert store._checkpointer is None and not checkpointer_threads()
+
+
+async def test_the_async_store_checkpoints_from_the_thread_too(tmp_path: Path) -> None:
+    path = tmp_path / "traces.db"
+    async with AsyncTraceStore(f"sqlite+aiosqlite:///{path}") as store:
+        checkpointer = store._checkpointer
+        assert checkpointer is not None
+        await store.store_batch(make_traces(100, session_uids=["s"]))
+        await asyncio.to_thread(checkpointer.idle)
+        alone = tmp_path / "main-file-only.db"
+        alone.write_bytes(path.read_bytes())
+        with sqlite3.connect(alone) as connection:
+            assert connection.execute("SELECT count(*) FROM traces").fetchone() == (100,)
+    assert not checkpointer_threads()

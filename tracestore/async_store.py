@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tracestore.busy import BUSY_DEADLINE, Attempt, retry_busy_async
 from tracestore.core import MIGRATING, Plan, Read, StoreCore, Write, session_query
-from tracestore.drive import execute_steps_async, fetch_rows_async
+from tracestore.drive import ThreadedReads, execute_steps_async, fetch_rows_async, listened
 from tracestore.engine import (
     AsyncStoreEngine,
     async_tracestore_connection,
@@ -77,9 +77,14 @@ class AsyncTraceStore:
                     f"the read engine is {reader.engine.dialect.name}, the store's is {engine.dialect.name}"
                 )
             self._reader, self._reader_owned = reader, isinstance(read_engine, str)
+        # Reads of a SQLite file on an engine made here skip the async pool (see ThreadedReads).
+        reader_owned = self._reader_owned if read_engine is not None else owned
+        self._threaded = (
+            ThreadedReads(self._reader.engine) if reader_owned and ThreadedReads.usable(self._reader.engine) else None
+        )
         # What a failing database call can raise: SQLAlchemy's errors; the driver's own from the raw
-        # aiosqlite calls; and asyncpg's socket errors (OSError: refused, no such socket, reset), which
-        # SQLAlchemy does not wrap.
+        # aiosqlite calls and the threaded reads (aiosqlite's errors are sqlite3's); and asyncpg's socket
+        # errors (OSError: refused, no such socket, reset), which SQLAlchemy does not wrap.
         self._failures: tuple[type[BaseException], ...] = (
             SQLAlchemyError,
             OSError,
@@ -91,6 +96,8 @@ class AsyncTraceStore:
         self._upkeep = maintenance.Upkeep.for_engine(
             engine.sync_engine, wal_limit=wal_checkpoint_bytes, statistics_every=analyze_every
         )
+        # Only on the store's own engine: an application's database keeps its own checkpoints.
+        self._checkpointer = maintenance.Checkpointer.for_upkeep(self._upkeep) if owned else None
         self._auto_upgrade = auto_upgrade
         self._ready = False
         self._migrating = False
@@ -318,6 +325,8 @@ class AsyncTraceStore:
         A cancellation may cut it short: the write has committed anyway, and an upkeep left undone is
         due again after the next write (see _run_upkeep for the connection it ran on).
         """
+        if self._checkpointer is not None:
+            self._checkpointer.wrote()
         job = self._upkeep.due() if self._upkeep is not None else None
         if job is not None:
             await self._run_upkeep(job)
@@ -325,6 +334,9 @@ class AsyncTraceStore:
     async def _run_upkeep(self, job: maintenance.Job) -> None:
         """Run an upkeep job on a pooled connection; a failure is logged, as Upkeep.run does (nothing to undo)."""
         assert self._upkeep is not None
+        lock = self._checkpointer.running if self._checkpointer is not None and job == "checkpoint" else None
+        if lock is not None and not lock.acquire(blocking=False):
+            return  # the checkpointer thread is copying the WAL back right now: due again after the next write
         try:
             async with self._engine.connect() as conn:
                 try:
@@ -336,11 +348,17 @@ class AsyncTraceStore:
                     raise
         except self._failures as exc:
             upkeep_log.warning("SQLite %s failed (the write itself committed): %s", job, exc)
+        finally:
+            if lock is not None:
+                lock.release()
 
     async def _read(self, read: Read) -> list[Any]:
+        planned = read.explain or plan_log.isEnabledFor(logging.DEBUG)
         try:
+            if self._threaded is not None and not planned and not listened(self._reader.read):
+                return await self._threaded.fetch_rows(read.stmt, read.params, self._reader.engine.dialect)
             async with self._reader.read.connect() as conn:
-                if read.explain or plan_log.isEnabledFor(logging.DEBUG):
+                if planned:
                     lines = await _plan(conn, read.stmt, read.params)
                     if read.explain:
                         return lines
@@ -371,11 +389,17 @@ class AsyncTraceStore:
         """Dispose of the engines the store created (an engine passed in stays the caller's), even when
         cancelled or when the database is gone: connections the server dropped are discarded, not raised."""
         try:
+            if self._checkpointer is not None:
+                await asyncio.to_thread(self._checkpointer.close)
             if self._upkeep is not None and self._upkeep.writes:  # statistics for the next opener (maintenance)
                 await self._run_upkeep("statistics")
         finally:
-            if self._owned:
-                await self._engine.dispose()
+            try:
+                if self._threaded is not None:
+                    await self._threaded.dispose()
+            finally:
+                if self._owned:
+                    await self._engine.dispose()
             if self._reader_owned:
                 await self._reader.engine.dispose()
 
