@@ -21,9 +21,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import URL, Engine, NullPool, create_engine
+from sqlalchemy import URL, Engine, NullPool, create_engine, make_url
 from sqlalchemy.exc import DBAPIError
 
+from tests.backends import Backend
 from tests.oracle import make_trace, merge_restore, oracle_query
 from tracestore import AsyncTraceStore, TraceContext, TraceStore
 from tracestore.errors import MigrationError, StorageError
@@ -417,3 +418,22 @@ def partitions_of(url: URL) -> list[Any]:
             return partitions(connection)
     finally:
         engine.dispose()
+
+
+def test_a_database_the_previous_release_made_is_partitioned_too(pg: Backend) -> None:
+    """A legacy PostgreSQL schema has PostgreSQL's own constraint names (trace_sessions_pkey, not tracestore's
+    pk_trace_sessions): partition() does not depend on them."""
+    traces = monthly_dataset(0, 12)
+    pg.create_legacy(
+        (t.id, t.context_type, t.namespace, t.data, t.metadata, t.created_at, t.updated_at, tuple(t.session_uids))
+        for t in traces
+    )
+    url = pg.url
+    raw = make_url(url)
+    assert _scalar(raw, "SELECT count(*) FROM pg_constraint WHERE conname = 'trace_sessions_pkey'") == 1
+    upgrade(url)
+    finalize(url)
+    assert partition(url, now=NOW)[0].name == OLD_PARTITION
+    with TraceStore(url) as store:
+        assert_answers(store, traces)
+    assert link_drift(raw) == 0

@@ -117,8 +117,9 @@ def partition_statements(bounds: Sequence[datetime]) -> list[str]:
     """
     index_columns = ", ".join(f"{name} DESC" if desc else name for name, desc in SESSION_TIME_INDEX_COLUMNS)
     return [
+        # The old table's constraints keep their names (PostgreSQL's own on a legacy database): it is dropped
+        # before the new table's are added.
         f"ALTER TABLE {TABLE} RENAME TO {_UNPARTITIONED}",
-        f"ALTER TABLE {_UNPARTITIONED} RENAME CONSTRAINT pk_{TABLE} TO pk_{_UNPARTITIONED}",
         f"ALTER INDEX {SESSION_TIME_INDEX} RENAME TO {SESSION_TIME_INDEX}_unpartitioned",
         f"CREATE TABLE {TABLE} (trace_id TEXT NOT NULL, session_uid TEXT NOT NULL,"
         " created_at DOUBLE PRECISION NOT NULL) PARTITION BY RANGE (created_at)",
