@@ -200,10 +200,10 @@ def test_downgrade_one_step_and_to_base(backend: Backend) -> None:
     assert run("upgrade", "--url", db_url).exit_code == 0
     step = run("downgrade", "-1", "--url", db_url)
     assert step.exit_code == 0, step.output
-    assert current_revision(db_url) == "0003"
+    assert current_revision(db_url) == "0004"
     refused = run("downgrade", "base", "--url", db_url, input="n\n")
     assert refused.exit_code == 1 and "Aborted" in refused.output
-    assert current_revision(db_url) == "0003"
+    assert current_revision(db_url) == "0004"
     confirmed = run("downgrade", "base", "--url", db_url, input="y\n")
     assert confirmed.exit_code == 0, confirmed.output
     assert current_revision(db_url) is None

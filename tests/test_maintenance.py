@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sqlite3
 import threading
@@ -152,19 +153,20 @@ def test_refresh_statistics_is_bounded_and_cheap_when_fresh(tmp_path: Path) -> N
         assert connection.execute("PRAGMA analysis_limit").fetchone() == (0,)
 
 
-def checkpointer_threads() -> list[threading.Thread]:
-    return [thread for thread in threading.enumerate() if thread.name == "tracestore-checkpointer"]
+def checkpointer_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if thread.name == "tracestore-checkpointer"}
 
 
 def test_the_checkpointer_thread_copies_the_wal_back_after_writes_and_stops_on_close(tmp_path: Path) -> None:
     path = tmp_path / "traces.db"
     with TraceStore(f"sqlite:///{path}") as store:
         checkpointer = store._checkpointer
-        assert checkpointer is not None and not checkpointer_threads()  # nothing written yet
+        assert checkpointer is not None and checkpointer.thread is None  # nothing written yet
         for index in range(3):
             store.store_batch(make_traces(100, session_uids=["s"], seed=index))
         checkpointer.idle()
-        assert checkpointer.checkpoints >= 1 and len(checkpointer_threads()) == 1
+        thread = checkpointer.thread
+        assert checkpointer.checkpoints >= 1 and thread is not None and thread.is_alive()
         # Far below SQLite's autocheckpoint threshold, yet the main file alone holds every trace: the thread
         # copied the WAL into it while the store went on.
         assert wal_size(path) > 0
@@ -172,20 +174,34 @@ def test_the_checkpointer_thread_copies_the_wal_back_after_writes_and_stops_on_c
         alone.write_bytes(path.read_bytes())
         with sqlite3.connect(alone) as connection:
             assert connection.execute("SELECT count(*) FROM traces").fetchone() == (300,)
-    assert not checkpointer_threads()
+    assert not thread.is_alive()
+
+
+def test_a_store_dropped_without_close_ends_its_checkpointer_thread(tmp_path: Path) -> None:
+    store = TraceStore(f"sqlite:///{tmp_path / 'traces.db'}")
+    store.store_batch(make_traces(10, session_uids=["s"]))
+    assert store._checkpointer is not None
+    thread = store._checkpointer.thread
+    assert thread is not None and thread.is_alive()
+    store._engine.dispose()
+    del store
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 def test_no_checkpointer_on_an_application_engine_or_when_checkpoints_are_off(tmp_path: Path) -> None:
+    before = checkpointer_threads()  # other tests' stores, not closed yet, may have theirs
     engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'app.db'}")
     try:
         with TraceStore(engine) as store:  # the application's database keeps its own checkpoints
             store.store_batch(make_traces(10, session_uids=["s"]))
-            assert store._checkpointer is None and not checkpointer_threads()
+            assert store._checkpointer is None and checkpointer_threads() <= before
     finally:
         engine.dispose()
     with TraceStore(f"sqlite:///{tmp_path / 'off.db'}", wal_checkpoint_bytes=0) as store:
         store.store_batch(make_traces(10, session_uids=["s"]))
-        assert store._checkpointer is None and not checkpointer_threads()
+        assert store._checkpointer is None and checkpointer_threads() <= before
 
 
 async def test_the_async_store_checkpoints_from_the_thread_too(tmp_path: Path) -> None:
@@ -195,8 +211,10 @@ async def test_the_async_store_checkpoints_from_the_thread_too(tmp_path: Path) -
         assert checkpointer is not None
         await store.store_batch(make_traces(100, session_uids=["s"]))
         await asyncio.to_thread(checkpointer.idle)
+        thread = checkpointer.thread
+        assert thread is not None
         alone = tmp_path / "main-file-only.db"
         alone.write_bytes(path.read_bytes())
         with sqlite3.connect(alone) as connection:
             assert connection.execute("SELECT count(*) FROM traces").fetchone() == (100,)
-    assert not checkpointer_threads()
+    assert not thread.is_alive()

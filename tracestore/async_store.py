@@ -98,6 +98,8 @@ class AsyncTraceStore:
         )
         # Only on the store's own engine: an application's database keeps its own checkpoints.
         self._checkpointer = maintenance.Checkpointer.for_upkeep(self._upkeep) if owned else None
+        if self._checkpointer is not None:
+            self._checkpointer.stop_with(self)
         self._auto_upgrade = auto_upgrade
         self._ready = False
         self._migrating = False

@@ -73,6 +73,8 @@ class TraceStore:
         )
         # Only on the store's own engine: an application's database keeps its own checkpoints.
         self._checkpointer = maintenance.Checkpointer.for_upkeep(self._upkeep) if owned else None
+        if self._checkpointer is not None:
+            self._checkpointer.stop_with(self)
         self._migrating = False
         try:
             if read_engine is not None:

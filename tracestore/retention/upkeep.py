@@ -7,6 +7,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -161,14 +162,28 @@ class Checkpointer:
         with self._state:
             self._state.wait_for(lambda: not (self._pending or self._busy) or self._thread is None)
 
-    def close(self) -> None:
-        """Stop the thread after the checkpoint it may be running."""
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The thread while it runs (None before the first write and once stopped)."""
+        return self._thread
+
+    def stop(self) -> threading.Thread | None:
+        """Tell the thread to end after the checkpoint it may be running, without waiting; the thread."""
         with self._state:
             self._stopping = True
-            thread = self._thread
             self._state.notify_all()
+            return self._thread
+
+    def close(self) -> None:
+        """Stop the thread and wait for it."""
+        thread = self.stop()
         if thread is not None:
             thread.join()
+
+    def stop_with(self, owner: object) -> None:
+        """Stop the thread when `owner` (the store) is garbage collected without being closed: it would
+        otherwise wait for writes for ever, holding the file open."""
+        weakref.finalize(owner, self.stop)
 
     def _run(self) -> None:
         try:
