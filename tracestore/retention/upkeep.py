@@ -143,7 +143,8 @@ class Checkpointer:
         wal_checkpoint_bytes=0)."""
         if upkeep is None or not upkeep.wal_limit:
             return None
-        return cls(upkeep.wal_path.removesuffix("-wal"))
+        # Absolute now: the thread opens the file at the first write, maybe after the process changed directory.
+        return cls(os.path.abspath(upkeep.wal_path.removesuffix("-wal")))
 
     def wrote(self) -> None:
         """Called after each committed write: the next checkpoint is due (the thread starts the first time)."""
