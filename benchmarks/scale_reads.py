@@ -85,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cold {variant}: small {small.median_ms:.1f} ms, large {large.median_ms:.1f} ms,"
               f" large / small {large.median_ms / small.median_ms:.2f}x")  # fmt: skip
 
-    traces = fresh_traces(args.write_traces, start=NOW + 10, seed=7, hot_uid=HOT_UID)
+    # Into sessions of their own: the hot session's window and latest 100 stay what they were for a next run.
+    traces = fresh_traces(args.write_traces, start=NOW + 10, seed=7, hot_uid="scale-writes")
     batches = [traces[i : i + args.batch_size] for i in range(0, len(traces), args.batch_size)]
     wall = {name: 0.0 for name in files}
     with TraceStore(f"sqlite:///{files['small']}") as small, TraceStore(f"sqlite:///{files['large']}") as large:
