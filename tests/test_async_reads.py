@@ -12,6 +12,7 @@ import asyncio
 import gc
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -179,11 +180,19 @@ def open_connections(backend: Backend) -> int:
     """Connections other than the one asking that hold the database: on SQLite, leaving WAL needs them all gone."""
     if not backend.is_sqlite:
         backend.dispose()  # the tests' own pool
-        return int(
-            backend.rows(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )[0][0]
-        )
+        # A server process leaves pg_stat_activity a moment after its client hung up: a leak is one still there
+        # seconds later.
+        deadline = time.monotonic() + 5
+        while True:
+            count = int(
+                backend.rows(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )[0][0]
+            )
+            if count == 0 or time.monotonic() > deadline:
+                return count
+            time.sleep(0.05)
     connection = sqlite3.connect(backend.path, isolation_level=None, timeout=0)
     try:
         try:
