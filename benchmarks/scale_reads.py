@@ -18,7 +18,6 @@ import argparse
 import functools
 import json
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import cold_cache
 from common import HOT_UID, LATEST, NOW, WINDOW_S, interleaved
+from write_path import interleave
 from writers import fresh_traces
 
 from tracestore import TraceStore
@@ -88,15 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Into sessions of their own: the hot session's window and latest 100 stay what they were for a next run.
     traces = fresh_traces(args.write_traces, start=NOW + 10, seed=7, hot_uid="scale-writes")
     batches = [traces[i : i + args.batch_size] for i in range(0, len(traces), args.batch_size)]
-    wall = {name: 0.0 for name in files}
     with TraceStore(f"sqlite:///{files['small']}") as small, TraceStore(f"sqlite:///{files['large']}") as large:
-        writers = {"small": small.store_batch, "large": large.store_batch}
-        for index, batch in enumerate(batches):
-            for name in ("small", "large") if index % 2 == 0 else ("large", "small"):
-                started = time.perf_counter()
-                writers[name](batch)
-                wall[name] += time.perf_counter() - started
-    rates = {name: len(traces) / seconds for name, seconds in wall.items()}
+        written = interleave({"small": small.store_batch, "large": large.store_batch}, batches)
+    rates = {name: result["traces_per_s"] for name, result in written.items()}
     out["store_batch_traces_per_s"] = rates
     print(f"store_batch: small {rates['small']:,.0f}/s, large {rates['large']:,.0f}/s,"
           f" large / small {rates['large'] / rates['small']:.2f}x")  # fmt: skip

@@ -1,10 +1,8 @@
-"""How AsyncTraceStore reads: on a SQLite file it opened from a URL, each read in one hop to a thread of its own
-(tracestore.drive.ThreadedReads), never through its AsyncEngine's pool, while no cursor listener is registered;
-otherwise (a listener, an engine passed in, PostgreSQL) through the engine. Either way the same answers, reads
-cancelled at any point leave the store answering, and close() leaves no connection open.
-
-Every test runs on SQLite and PostgreSQL.
-"""
+"""How AsyncTraceStore reads: on a SQLite file it opened from a URL, each read in one hop to a thread of its
+own (tracestore.dialects.sqlite_reads.ThreadedReads), never through its AsyncEngine's pool, while no cursor
+listener is registered; otherwise (a listener, an engine passed in, PostgreSQL) through the engine. Either way
+the same answers, reads cancelled at any point leave the store answering, and close() leaves no connection
+open."""
 
 from __future__ import annotations
 

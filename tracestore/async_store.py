@@ -18,7 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tracestore.busy import BUSY_DEADLINE, Attempt, retry_busy_async
 from tracestore.core import MIGRATING, Plan, Read, StoreCore, Write, session_query
-from tracestore.drive import ThreadedReads, execute_steps_async, fetch_rows_async, listened
+from tracestore.dialects.sqlite_reads import ThreadedReads
+from tracestore.drive import execute_steps_async, fetch_rows_async, listened
 from tracestore.engine import (
     AsyncStoreEngine,
     async_tracestore_connection,
@@ -96,10 +97,7 @@ class AsyncTraceStore:
         self._upkeep = maintenance.Upkeep.for_engine(
             engine.sync_engine, wal_limit=wal_checkpoint_bytes, statistics_every=analyze_every
         )
-        # Only on the store's own engine: an application's database keeps its own checkpoints.
-        self._checkpointer = maintenance.Checkpointer.for_upkeep(self._upkeep) if owned else None
-        if self._checkpointer is not None:
-            self._checkpointer.stop_with(self)
+        self._checkpointer = maintenance.Checkpointer.for_store(self, self._upkeep, owned=owned)
         self._auto_upgrade = auto_upgrade
         self._ready = False
         self._migrating = False

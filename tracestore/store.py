@@ -71,10 +71,7 @@ class TraceStore:
         self._upkeep = maintenance.Upkeep.for_engine(
             engine, wal_limit=wal_checkpoint_bytes, statistics_every=analyze_every
         )
-        # Only on the store's own engine: an application's database keeps its own checkpoints.
-        self._checkpointer = maintenance.Checkpointer.for_upkeep(self._upkeep) if owned else None
-        if self._checkpointer is not None:
-            self._checkpointer.stop_with(self)
+        self._checkpointer = maintenance.Checkpointer.for_store(self, self._upkeep, owned=owned)
         self._migrating = False
         try:
             if read_engine is not None:

@@ -138,13 +138,17 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def for_upkeep(cls, upkeep: Upkeep | None) -> Checkpointer | None:
-        """The checkpointer of a store's file: None where the Upkeep does no checkpoints (PostgreSQL, :memory:,
-        wal_checkpoint_bytes=0)."""
-        if upkeep is None or not upkeep.wal_limit:
+    def for_store(cls, store: object, upkeep: Upkeep | None, *, owned: bool) -> Checkpointer | None:
+        """The checkpointer of a store's file, stopped when the store is garbage collected unclosed (the thread
+        would otherwise wait for writes for ever, holding the file open). None on an engine the application
+        passed in (its database keeps its own checkpoints) and where the Upkeep does no checkpoints
+        (PostgreSQL, :memory:, wal_checkpoint_bytes=0)."""
+        if not owned or upkeep is None or not upkeep.wal_limit:
             return None
         # Absolute now: the thread opens the file at the first write, maybe after the process changed directory.
-        return cls(os.path.abspath(upkeep.wal_path.removesuffix("-wal")))
+        checkpointer = cls(os.path.abspath(upkeep.wal_path.removesuffix("-wal")))
+        weakref.finalize(store, checkpointer.stop)
+        return checkpointer
 
     def wrote(self) -> None:
         """Called after each committed write: the next checkpoint is due (the thread starts the first time)."""
@@ -180,11 +184,6 @@ class Checkpointer:
         thread = self.stop()
         if thread is not None:
             thread.join()
-
-    def stop_with(self, owner: object) -> None:
-        """Stop the thread when `owner` (the store) is garbage collected without being closed: it would
-        otherwise wait for writes for ever, holding the file open."""
-        weakref.finalize(owner, self.stop)
 
     def _run(self) -> None:
         try:
