@@ -23,12 +23,12 @@ from tests.test_version_table import REVISIONS, as_previous_release, own_table, 
 from tests.wheel import Installed
 from tracestore import TraceContext, TraceStore
 from tracestore.cli import main
+from tracestore.errors import MigrationError
 from tracestore.migrate import (
     alembic_config,
     current_revision,
     downgrade,
     head_revision,
-    script_location,
     upgrade,
 )
 
@@ -41,10 +41,8 @@ APP_TABLES = {"app_users", "app_user_traces"}
 def app_config(url: str, section: str = "alembic") -> tuple[Config, io.StringIO]:
     """The application's alembic.ini, as `alembic -c tests/app_chain/alembic.ini [-n section] -x url=URL`."""
     out = io.StringIO()
+    # The ini's own [tracestore] line as it is: this checkout's editable install must find the migrations too.
     config = Config(str(APP / "alembic.ini"), ini_section=section, stdout=out, cmd_opts=Namespace(x=[f"url={url}"]))
-    if section == "tracestore":
-        # `tracestore:migrations` names the installed package's directory; a checkout keeps them at the top.
-        config.set_section_option(section, "script_location", script_location())
     return config, out
 
 
@@ -219,7 +217,7 @@ def postgresql_driver(tmp_path: Path) -> dict[str, str]:
 def test_a_deploy_pipeline_runs_both_chains_with_the_installed_alembic(
     installed: Installed, backend: Backend, tmp_path: Path
 ) -> None:
-    """Recipe (c): the application's ini with a [tracestore] section (script_location = tracestore:migrations),
+    """Recipe (c): the application's ini with a [tracestore] section (script_location = tracestore.migrations:),
     run by the `alembic` command of a virtualenv where tracestore is installed from its wheel."""
     work = tmp_path / "deploy"
     shutil.copytree(APP, work)  # away from the checkout: nothing of it can be imported by accident
@@ -249,3 +247,34 @@ def run_with(env: dict[str, str], *args: str | Path, cwd: Path | None = None) ->
     )
     assert result.returncode == 0, f"{args}\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
+
+
+def test_tracestore_refuses_to_drop_its_tables_while_an_application_table_refers_to_them(backend: Backend) -> None:
+    """PostgreSQL cannot drop a table another one's foreign key refers to; SQLite would, leaving the key
+    pointing at nothing. `downgrade base` refuses on both before any step, even with drop_data."""
+    url = backend.url
+    upgrade(url)
+    store_some(url)
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.NullPool)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text("CREATE TABLE app_orders (id INTEGER PRIMARY KEY, trace_id TEXT REFERENCES traces(id))")
+            )
+            connection.execute(text("INSERT INTO app_orders VALUES (1, 't1')"))
+    finally:
+        engine.dispose()
+    before = (tables(url), rows(url, "SELECT id FROM traces"), rows(url, "SELECT * FROM app_orders"))
+    with pytest.raises(MigrationError, match=r"other tables have foreign keys to them \(app_orders"):
+        downgrade(url, "base", drop_data=True)
+    assert (tables(url), rows(url, "SELECT id FROM traces"), rows(url, "SELECT * FROM app_orders")) == before
+    assert current_revision(url) == HEAD
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.NullPool)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("DROP TABLE app_orders"))
+    finally:
+        engine.dispose()
+    downgrade(url, "base", drop_data=True)
+    assert "traces" not in tables(url)

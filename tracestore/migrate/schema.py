@@ -128,10 +128,19 @@ def create_session_index_concurrently(connection: Connection) -> bool:
 
 
 def refuse_dropping_traces(connection: Connection, *, drop_data: bool) -> None:
-    """Raise MigrationError if going to base would drop a traces table that holds rows."""
+    """Raise MigrationError if going to base would drop a traces table that holds rows, or one that an
+    application's table refers to by a foreign key (whatever drop_data says: that table is not ours)."""
     from tracestore.errors import MigrationError
 
-    if drop_data or "traces" not in table_names(connection):
+    if "traces" not in table_names(connection):
+        return
+    referring = foreign_keys_to_ours(connection)
+    if referring:
+        raise MigrationError(
+            f"refusing to drop the traces tables: other tables have foreign keys to them ({', '.join(referring)}). "
+            "Drop those constraints (or tables) in your own migrations first."
+        )
+    if drop_data:
         return
     count = connection.exec_driver_sql("SELECT count(*) FROM traces").scalar_one()
     if count:
@@ -139,6 +148,30 @@ def refuse_dropping_traces(connection: Connection, *, drop_data: bool) -> None:
             f"refusing to drop the traces table: it holds {count} traces. Downgrade to 0001 (the legacy "
             "schema) to keep them, or pass drop_data (`-x drop_data=yes`) if dropping them is intended."
         )
+
+
+_PG_FOREIGN_KEYS_TO_OURS = text(
+    "SELECT conrelid::regclass::text || '.' || conname FROM pg_constraint WHERE contype = 'f' AND conparentid = 0"
+    " AND confrelid IN (to_regclass('traces'), to_regclass('trace_sessions'))"
+    " AND conrelid NOT IN (to_regclass('traces'), to_regclass('trace_sessions')) ORDER BY 1"
+)
+
+
+def foreign_keys_to_ours(connection: Connection) -> list[str]:
+    """The foreign keys of other tables (an application's) to traces or trace_sessions, as 'table.constraint'.
+
+    PostgreSQL refuses to drop a table such a key refers to; SQLite drops it and leaves the key pointing at
+    nothing, so the downgrade asks first, on both."""
+    if connection.dialect.name == "postgresql":
+        return list(connection.execute(_PG_FOREIGN_KEYS_TO_OURS).scalars())
+    inspector = inspect(connection)
+    return [
+        f"{table}.{key['name']}" if key["name"] else table
+        for table in sorted(inspector.get_table_names())
+        if table not in ("traces", "trace_sessions")
+        for key in inspector.get_foreign_keys(table)
+        if key["referred_table"] in ("traces", "trace_sessions")
+    ]
 
 
 # -- the junction's foreign key to traces ------------------------------------------------------------
