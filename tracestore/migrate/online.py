@@ -132,15 +132,19 @@ def restart_wal(connection: Connection) -> None:
     A backfill batch writes about one page per row (each row's index entry lands in a different
     page). SQLite restarts the WAL only when a write transaction begins with every frame
     checkpointed, which a writer committing between batches prevents, so without this the WAL grows
-    without bound. RESTART waits for the other connections, but at most CHECKPOINT_WAIT_MS (the next
-    batch tries again). The transaction before it has committed: a failure here (a full disk) is a
-    StorageError saying so.
+    without bound. RESTART holds the write lock while it copies and syncs, so a PASSIVE checkpoint copies
+    the batch's pages first with writers free, and RESTART is left with what they committed meanwhile.
+    RESTART waits for the other connections, but at most CHECKPOINT_WAIT_MS (the next batch tries
+    again). The transaction before it has committed: a failure here (a full disk) is a StorageError
+    saying so.
     """
     dbapi = connection.connection.dbapi_connection
     assert dbapi is not None
     try:
         cursor = dbapi.cursor()
         try:
+            cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            cursor.fetchall()
             cursor.execute("PRAGMA busy_timeout")
             (previous,) = cursor.fetchone() or (0,)
             cursor.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT_MS}")
