@@ -339,6 +339,12 @@ def test_a_poll_costs_the_same_whatever_the_history(db_path: Path, backend: Back
 
 
 # -- the command ---------------------------------------------------------------------------------------------
+def ctrl_c_reaches_it() -> None:
+    """Run in the child before exec: a shell's background job passes SIGINT on ignored, and Python then leaves
+    it ignored, so the tail would never see the Ctrl-C these tests send (pytest run with `&`)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Tail:
     """`tracestore tail` in a real process; its stdout and stderr lines read by threads."""
 
@@ -349,6 +355,7 @@ class Tail:
             stderr=subprocess.PIPE,
             text=True,
             encoding="utf-8",
+            preexec_fn=ctrl_c_reaches_it,
         )
         self.out: queue.Queue[str] = queue.Queue()
         self.err: list[str] = []
@@ -447,6 +454,7 @@ def test_tail_prints_its_banner_before_a_backlog_of_several_polls(store: TraceSt
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=ctrl_c_reaches_it,
     )
     try:
         assert process.stdout is not None
