@@ -13,6 +13,7 @@ from tracestore.dialects.base import FOLLOW_TRIGGER, STAMP_LINK_TRIGGER, STAMP_T
 from tracestore.dialects.postgresql import index_is_valid
 from tracestore.migrate.backfill import remove_orphan_links_postgresql
 from tracestore.migrate.online import ddl_step
+from tracestore.migrate.versions import OWN_TABLES
 from tracestore.models import SESSION_TIME_INDEX, Base
 
 log = logging.getLogger("tracestore.migrate")
@@ -168,7 +169,7 @@ def foreign_keys_to_ours(connection: Connection) -> list[str]:
     return [
         f"{table}.{key['name']}" if key["name"] else table
         for table in sorted(inspector.get_table_names())
-        if table not in ("traces", "trace_sessions")
+        if table not in OWN_TABLES
         for key in inspector.get_foreign_keys(table)
         if key["referred_table"] in ("traces", "trace_sessions")
     ]
