@@ -71,9 +71,9 @@ from tracestore.testing.bulk import GenerateReport, generate_legacy
 
 STEPS = {
     "0001": "0001 adopt the legacy schema",
-    "0002": "0002 add column, triggers, empty partial index",
-    "0003": "0003 backfill (fills the index too)",
-    "0004": "0004 drop the legacy session index + ANALYZE",
+    "0002": "0002 add column and triggers",
+    "0003": "0003 backfill, then the session index built in key order",
+    "0004": "0004 drop the legacy session indexes + ANALYZE",
 }
 LABELS = {**STEPS, "later": "the revisions after 0004"}
 STALL_TARGET_S = 1.0

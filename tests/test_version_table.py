@@ -91,7 +91,8 @@ def test_each_revision_has_its_own_shape_and_not_the_others(backend: Backend) ->
     tables at one revision have its shape and its neighbours' at most."""
     expected = {
         "0001": {"0001"},
-        "0002": {"0001", "0002", "0003"},
+        # PostgreSQL's 0002 creates the (empty) session index; SQLite's 0003 builds it after the backfill.
+        "0002": {"0001", "0002", "0003"} if not backend.is_sqlite else {"0001", "0002"},
         "0003": {"0001", "0002", "0003"},
         "0004": {"0003", "0004"},
         "0005": {"0004", "0005"},

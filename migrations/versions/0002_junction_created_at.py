@@ -9,12 +9,16 @@ step is written to be run again, so a run killed between them is finished by the
    would need a full table rebuild) and the triggers (schema.COPY_TRIGGERS) that keep every copy
    equal to its trace's from this commit on, whoever writes: instances of the previous release keep
    inserting links without created_at and may update traces during a rolling deploy.
-2. Drop idx_trace_sessions_trace: the primary key's index starts with trace_id and serves the same
-   lookups, and the pages it frees are reused by the backfill instead of growing the file.
-   idx_trace_sessions_uid stays until 0004: readers of the previous release need it.
-3. Create idx_trace_sessions_uid_time, partial (WHERE created_at IS NOT NULL). Created while every
-   copy is NULL, it costs one scan of the junction table and no sort; each backfill batch then adds
-   its own rows. A full CREATE INDEX after the backfill would hold the write lock for the whole sort.
+2. PostgreSQL: drop idx_trace_sessions_trace (the primary key's index starts with trace_id and serves
+   the same lookups) and create idx_trace_sessions_uid_time, partial (WHERE created_at IS NOT NULL),
+   empty, for the backfill's batches to fill. idx_trace_sessions_uid stays until 0004: readers of the
+   previous release need it.
+   SQLite: neither. The backfill fills the column with no session index to update, then builds the
+   index in its own key order and attaches it whole (tracestore.migrate.index_build): filled a batch
+   at a time in rowid order, nearly every entry lands on a different leaf and the upgrade writes
+   about twice the index's pages per link. idx_trace_sessions_trace goes in 0004, so the pages the
+   build writes are appended at the end of the file, in order, rather than scattered over the pages
+   the drop would free.
 
 On PostgreSQL, step 1 waits for its table locks at most online.LOCK_TIMEOUT_MS per try (queued
 behind a long transaction, it would stall every query of the table), takes them in the order the
@@ -36,16 +40,15 @@ import time
 import sqlalchemy as sa
 from alembic import context, op
 
-from tracestore.migrate.online import ddl_step, read_into_cache, write_step
+from tracestore.migrate.index_build import DROP_BUILD
+from tracestore.migrate.online import ddl_step
 from tracestore.migrate.schema import (
     column_names,
     create_copy_triggers,
-    create_session_index,
     create_session_index_concurrently,
     drop_copy_triggers,
     drop_index_concurrently,
     drop_session_index,
-    index_names,
 )
 from tracestore.models import SESSION_TIME_INDEX, EpochSeconds
 
@@ -79,41 +82,29 @@ def upgrade() -> None:
         )
         timings["add_column_seconds"] = time.monotonic() - started
 
-        started = time.monotonic()
         if postgresql:  # no table lock held while running queries finish: CONCURRENTLY, outside a transaction
+            started = time.monotonic()
             drop_index_concurrently(connection, "idx_trace_sessions_trace")
-        else:
-            if "idx_trace_sessions_trace" in index_names(connection, "trace_sessions"):
-                read_into_cache(connection, "trace_sessions", "idx_trace_sessions_trace")  # not under the lock
-                started = time.monotonic()
-            write_step(
-                connection,
-                lambda: op.drop_index("idx_trace_sessions_trace", table_name="trace_sessions", if_exists=True),
-                what="drop idx_trace_sessions_trace",
-            )
-        timings["drop_trace_index_seconds"] = time.monotonic() - started
-
-        if postgresql:
+            timings["drop_trace_index_seconds"] = time.monotonic() - started
             started = time.monotonic()
             if create_session_index_concurrently(connection):
                 log.warning("index %s was INVALID (an interrupted concurrent build): rebuilt", SESSION_TIME_INDEX)
-        else:
-            read_into_cache(connection, "trace_sessions")  # the pages CREATE INDEX scans, read without the lock
-            started = time.monotonic()
-            write_step(connection, lambda: op.execute(create_session_index()), what=f"create {SESSION_TIME_INDEX}")
-        timings["index_seconds"] = time.monotonic() - started
+            timings["index_seconds"] = time.monotonic() - started
     context.config.attributes.setdefault("reports", {}).setdefault("index", {}).update(timings)
-    log.info(
-        "column and triggers added in %.1fs, idx_trace_sessions_trace dropped in %.1fs, index %s created in %.1fs"
-        " (empty: the backfill fills it)",
-        timings["add_column_seconds"],
-        timings["drop_trace_index_seconds"],
-        SESSION_TIME_INDEX,
-        timings["index_seconds"],
-    )
+    log.info("column and triggers added in %.1fs", timings["add_column_seconds"])
+    if postgresql:
+        log.info(
+            "idx_trace_sessions_trace dropped in %.1fs, index %s created in %.1fs (empty: the backfill fills it)",
+            timings["drop_trace_index_seconds"],
+            SESSION_TIME_INDEX,
+            timings["index_seconds"],
+        )
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "sqlite":
+        for drop in DROP_BUILD:  # an interrupted 0003's build table: its triggers name the column
+            op.execute(drop)
     op.execute(drop_session_index())
     op.create_index("idx_trace_sessions_trace", "trace_sessions", ["trace_id"], if_not_exists=True)
     for statement in drop_copy_triggers(dialect=op.get_bind().dialect.name):

@@ -1,8 +1,9 @@
 """Backfill trace_sessions.created_at from traces in bounded batches; record orphan links for finalize.
 
 Runs outside the migration transaction (autocommit block): every batch commits on its own and saves
-its position, so a killed run resumes where it stopped. Each batch also fills the partial session
-index that 0002 created empty. Batch size: `-x batch_size=N`, then $TRACESTORE_BATCH_SIZE, then the
+its position, so a killed run resumes where it stopped. On PostgreSQL each batch also fills the
+partial session index that 0002 created empty; on SQLite the index is then built in key order and
+attached whole (tracestore.migrate.index_build). Batch size: `-x batch_size=N`, then $TRACESTORE_BATCH_SIZE, then the
 default (tracestore upgrade --batch-size sets the same).
 
 A link whose trace does not exist is kept: the previous release, still writing during a rolling
@@ -21,6 +22,7 @@ import os
 from alembic import context, op
 
 from tracestore.migrate.backfill import DEFAULT_BATCH_SIZE, ORPHANS_TABLE, backfill
+from tracestore.migrate.index_build import DROP_BUILD
 
 revision = "0003"
 down_revision = "0002"
@@ -56,3 +58,6 @@ def downgrade() -> None:
     # At revision 0002 the column exists and may hold values (writers of this release fill it), so it
     # stays. The record of kept orphan links goes: the links themselves stay, as the legacy schema had them.
     op.execute(f"DROP TABLE IF EXISTS {ORPHANS_TABLE}")
+    if op.get_bind().dialect.name == "sqlite":
+        for statement in DROP_BUILD:  # SQLite: the session index's build table, if a killed upgrade left it
+            op.execute(statement)

@@ -1,4 +1,5 @@
-"""Retire the legacy session index now that idx_trace_sessions_uid_time holds every link; ANALYZE
+"""Retire the legacy session index (SQLite: and idx_trace_sessions_trace, see 0002) now that
+idx_trace_sessions_uid_time holds every link; ANALYZE
 (PostgreSQL: VACUUM ANALYZE).
 
 idx_trace_sessions_uid (session_uid) served the legacy query; the composite index (built empty in
@@ -19,6 +20,7 @@ import logging
 import time
 
 from alembic import context, op
+from sqlalchemy import Connection
 
 from tracestore.migrate.online import read_into_cache, write_step
 from tracestore.migrate.schema import BOUNDED_ANALYZE, drop_index_concurrently, index_names
@@ -38,15 +40,10 @@ def upgrade() -> None:
             started = time.monotonic()
             drop_index_concurrently(connection, "idx_trace_sessions_uid")  # no lock that stops writers
         else:
-            # DROP INDEX walks every page of the index under the write lock: read them first, without it.
-            if "idx_trace_sessions_uid" in index_names(connection, "trace_sessions"):
-                read_into_cache(connection, "trace_sessions", "idx_trace_sessions_uid")
+            # idx_trace_sessions_trace too on SQLite, where 0002 leaves it (the primary key serves its lookups).
             started = time.monotonic()
-            write_step(
-                connection,
-                lambda: op.drop_index("idx_trace_sessions_uid", table_name="trace_sessions", if_exists=True),
-                what="drop idx_trace_sessions_uid",
-            )
+            for legacy in ("idx_trace_sessions_uid", "idx_trace_sessions_trace"):
+                _drop_sqlite(connection, legacy)
         dropped = time.monotonic()
     if connection.dialect.name == "postgresql":
         # The backfill updated every link: each has a dead old version, and no page is marked
@@ -63,6 +60,17 @@ def upgrade() -> None:
         {"drop_seconds": dropped - started, "analyze_seconds": analyzed - dropped}
     )
     log.info("legacy index dropped in %.1fs, ANALYZE %.1fs", dropped - started, analyzed - dropped)
+
+
+def _drop_sqlite(connection: Connection, index: str) -> None:
+    # DROP INDEX walks every page of the index under the write lock: read them first, without it.
+    if index in index_names(connection, "trace_sessions"):
+        read_into_cache(connection, "trace_sessions", index)
+    write_step(
+        connection,
+        lambda: op.drop_index(index, table_name="trace_sessions", if_exists=True),
+        what=f"drop {index}",
+    )
 
 
 def downgrade() -> None:

@@ -63,6 +63,9 @@ def upgrade(settings: Settings, command_url: str | None, revision: str, batch_si
             f"  backfill: {backfill.rows_scanned} junction rows scanned, {backfill.rows_updated} filled "
             f"in {backfill.seconds:.2f} s"
         )
+        if backfill.index_attached is not None:
+            how = "built in key order and attached" if backfill.index_attached else "made by CREATE INDEX"
+            out.print(f"  index idx_trace_sessions_uid_time {how} in {backfill.index_seconds:.2f} s")
         if backfill.orphans_kept:
             out.print(
                 f"  {backfill.orphans_kept} orphan links (no trace yet) kept: the previous release may still be "
@@ -73,7 +76,7 @@ def upgrade(settings: Settings, command_url: str | None, revision: str, batch_si
         ("add_column_seconds", "column and triggers added in"),
         ("drop_trace_index_seconds", "legacy index idx_trace_sessions_trace dropped in"),
         ("index_seconds", "index idx_trace_sessions_uid_time created (empty, filled by the backfill) in"),
-        ("drop_seconds", "legacy index idx_trace_sessions_uid dropped in"),
+        ("drop_seconds", "legacy session indexes dropped in"),
         ("analyze_seconds", "ANALYZE in"),
     )
     for key, what in steps:

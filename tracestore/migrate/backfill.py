@@ -27,7 +27,9 @@ from typing import TypeVar
 from sqlalchemy import Connection, inspect, text
 
 from tracestore.errors import StorageError
+from tracestore.migrate.index_build import CHECKPOINT_EVERY, build_session_index
 from tracestore.migrate.online import CheckpointError, write_step
+from tracestore.models import SESSION_TIME_INDEX
 
 log = logging.getLogger("tracestore.migrate")
 T = TypeVar("T")
@@ -52,6 +54,10 @@ class BackfillReport:
     # Orphan links recorded in ORPHANS_TABLE and left in place for `tracestore finalize`.
     orphans_kept: int = 0
     seconds: float = 0.0
+    # SQLite: the session index was built in key order and attached (True), made by CREATE INDEX after
+    # all (False), or already there and filled by the batches (None).
+    index_attached: bool | None = None
+    index_seconds: float = 0.0
 
 
 _NEXT_BOUND = text("SELECT rowid FROM trace_sessions WHERE rowid > :lo ORDER BY rowid LIMIT 1 OFFSET :skip")
@@ -102,6 +108,11 @@ def backfill_sqlite(
     total = connection.execute(text("SELECT count(*) FROM trace_sessions WHERE rowid > :lo"), {"lo": low}).scalar_one()
     tracker = _Tracker(total, on_progress)
     orphans = _DELETE_ORPHANS if remove_orphans else _KEEP_ORPHANS
+    # No session index yet (this release's 0002 does not create it): the batches write the table's pages
+    # only, in rowid order, and the index is built in its own order afterwards (migrate.index_build).
+    # An index already there (made empty by an earlier release's 0002) is filled by the batches.
+    build_index = SESSION_TIME_INDEX not in _sqlite_indexes(connection)
+    batches = 0
     while True:
         high = connection.execute(_NEXT_BOUND, {"lo": low, "skip": batch_size - 1}).scalar()
         rows_in_batch = batch_size
@@ -122,10 +133,20 @@ def backfill_sqlite(
             connection.execute(_SAVE, {"task": TASK, "hi": high})
             return updated, found
 
-        updated, found = tracker.run(connection, batch, checkpoint=True)
+        batches += 1
+        checkpoint = not build_index or batches % CHECKPOINT_EVERY == 0
+        updated, found = tracker.run(connection, batch, checkpoint=checkpoint)
         tracker.add(rows_in_batch, updated, found, removed=remove_orphans)
         low = high
+    if build_index:
+        started = time.monotonic()
+        tracker.report.index_attached = build_session_index(connection, batch_size=batch_size)
+        tracker.report.index_seconds = time.monotonic() - started
     return tracker.finish(connection)
+
+
+def _sqlite_indexes(connection: Connection) -> set[str]:
+    return set(connection.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index'").scalars())
 
 
 _CREATE_ORPHANS_TABLE = (

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from contextlib import AbstractContextManager
 
-from sqlalchemy import Connection, ForeignKeyConstraint, Index, TextClause, inspect, text
+from sqlalchemy import Connection, ForeignKeyConstraint, TextClause, inspect, text
 from sqlalchemy.schema import AddConstraint, CreateIndex, DropIndex
 
 from tracestore.dialects import rules_for
 from tracestore.dialects.base import FOLLOW_TRIGGER, STAMP_LINK_TRIGGER, STAMP_TRACE_TRIGGER
 from tracestore.dialects.postgresql import index_is_valid
 from tracestore.migrate.backfill import remove_orphan_links_postgresql
+from tracestore.migrate.index_build import session_index
 from tracestore.migrate.online import ddl_step
 from tracestore.migrate.versions import OWN_TABLES
 from tracestore.models import SESSION_TIME_INDEX, Base
@@ -86,17 +87,13 @@ def rolling_deploy_triggers(connection: Connection) -> list[str]:
     return [name for name in ROLLING_DEPLOY_TRIGGERS if name not in missing]
 
 
-def _session_index() -> Index:
-    return next(index for index in Base.metadata.tables["trace_sessions"].indexes if index.name == SESSION_TIME_INDEX)
-
-
 def create_session_index() -> CreateIndex:
     """CREATE INDEX IF NOT EXISTS idx_trace_sessions_uid_time (partial), from the model."""
-    return CreateIndex(_session_index(), if_not_exists=True)
+    return CreateIndex(session_index(), if_not_exists=True)
 
 
 def drop_session_index() -> DropIndex:
-    return DropIndex(_session_index(), if_exists=True)
+    return DropIndex(session_index(), if_exists=True)
 
 
 def drop_index_concurrently(connection: Connection, index: str) -> None:

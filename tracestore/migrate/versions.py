@@ -27,6 +27,7 @@ from tracestore.dialects import rules_for
 from tracestore.engine import WRITE
 from tracestore.errors import RevisionError
 from tracestore.migrate.backfill import ORPHANS_TABLE, PROGRESS_TABLE
+from tracestore.migrate.index_build import BUILD_TABLE
 from tracestore.models import SESSION_TIME_INDEX
 
 VERSION_TABLE = "tracestore_alembic_version"
@@ -51,7 +52,7 @@ _LINK_COLUMNS = frozenset({"trace_id", "session_uid"})
 _TRACE_INDEXES = frozenset({"idx_traces_created_at", "idx_traces_type", "idx_traces_namespace"})
 _UNUSED_TRACE_INDEXES = frozenset({"idx_traces_type", "idx_traces_namespace"})  # dropped by 0005
 _LEGACY_SESSION_INDEX = "idx_trace_sessions_uid"  # dropped by 0004
-_LEGACY_TRACE_INDEX = "idx_trace_sessions_trace"  # dropped by 0002
+_LEGACY_TRACE_INDEX = "idx_trace_sessions_trace"  # dropped by 0002 (PostgreSQL) or 0004 (SQLite)
 
 # One entry per revision of migrations/versions (tests/test_version_table.py checks both agree).
 SHAPES: Mapping[str, Shape] = {
@@ -59,17 +60,16 @@ SHAPES: Mapping[str, Shape] = {
     "0001": Shape(
         {"traces": _TRACE_COLUMNS, "trace_sessions": _LINK_COLUMNS}, _TRACE_INDEXES | {_LEGACY_SESSION_INDEX}
     ),
-    # The copied created_at and the session index; the legacy trace index gone.
+    # The copied created_at (PostgreSQL: and the empty session index, the legacy trace index gone).
     "0002": Shape(
         {"traces": _TRACE_COLUMNS, "trace_sessions": _LINK_COLUMNS | {"created_at"}},
-        _TRACE_INDEXES | {_LEGACY_SESSION_INDEX, SESSION_TIME_INDEX},
-        frozenset({_LEGACY_TRACE_INDEX}),
+        _TRACE_INDEXES | {_LEGACY_SESSION_INDEX},
     ),
-    # The backfill changes rows only (0004, half done, may have dropped the legacy session index).
+    # The copies filled and the session index complete (0004, half done, may have dropped the legacy session
+    # index; SQLite keeps the legacy trace index until 0004).
     "0003": Shape(
         {"traces": _TRACE_COLUMNS, "trace_sessions": _LINK_COLUMNS | {"created_at"}},
         _TRACE_INDEXES | {SESSION_TIME_INDEX},
-        frozenset({_LEGACY_TRACE_INDEX}),
     ),
     # The legacy session index gone too (0005, half done, may have dropped one of the unused trace indexes).
     "0004": Shape(
@@ -88,7 +88,9 @@ SHAPES: Mapping[str, Shape] = {
 # The tables tracestore owns in a database it may share with an application; SQLite's statistics tables
 # come with the store's ANALYZE.
 SQLITE_STATISTICS = ("sqlite_stat1", "sqlite_stat4")
-OWN_TABLES = frozenset({"traces", "trace_sessions", PROGRESS_TABLE, ORPHANS_TABLE, VERSION_TABLE, *SQLITE_STATISTICS})
+OWN_TABLES = frozenset(
+    {"traces", "trace_sessions", PROGRESS_TABLE, ORPHANS_TABLE, BUILD_TABLE, VERSION_TABLE, *SQLITE_STATISTICS}
+)
 
 
 def include_object(obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any) -> bool:
