@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tracestore.migrate import current_revision, finalize, head_revision, upgrade
+from tracestore.migrate import current_revision, downgrade, finalize, head_revision, upgrade
 from tracestore.migrate.backfill import PROGRESS_TABLE
 from tracestore.testing.bulk import generate_legacy
 
@@ -75,6 +75,26 @@ def test_kill_during_backfill_then_rerun_equals_an_uninterrupted_run(tmp_path: P
     assert current_revision(f"sqlite:///{killed}") == head_revision()
     assert checksum(killed) == checksum(clean)
     assert_clean_after_finalize(killed, orphans=25)
+
+
+def test_a_killed_upgrade_taken_back_to_the_legacy_schema_upgrades_again_in_full(
+    small_legacy: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Killed inside the backfill, downgraded to 0001 (the column goes), upgraded again: the saved position
+    must not survive the column it described, or the new backfill would skip the rows it had reached."""
+    legacy, clean = small_legacy
+    killed = tmp_path / "killed.db"
+    shutil.copy(legacy, killed)
+    url = f"sqlite:///{killed}"
+    pattern = r"^INSERT OR REPLACE INTO tracestore_backfill"
+    script = str(Path(__file__).parent / "kill_during_upgrade.py")
+    result = subprocess.run([sys.executable, script, url, pattern, "8", "250"], capture_output=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL
+    assert (saved_position(killed) or 0) > 1_000
+    downgrade(url, "0001")
+    upgrade(url, batch_size=250)
+    assert checksum(killed) == checksum(clean)
+    assert_clean_after_finalize(killed, orphans=7)
 
 
 def assert_clean_after_finalize(path: Path, *, orphans: int) -> None:

@@ -317,6 +317,27 @@ def test_backfill_resumes_after_a_crash_without_redoing_finished_batches(backend
         assert PROGRESS_TABLE not in table_names(connection)
 
 
+def test_an_interrupted_backfill_taken_back_to_the_legacy_schema_is_redone_in_full(backend: Backend) -> None:
+    """The saved position goes with the column it describes: kept, it made the next upgrade skip the rows the
+    interrupted backfill had reached and leave their created_at NULL."""
+    rows = [(f"t{i:05d}", "llm", "ns", {"i": i}, {}, 1000.0 + i, 1000.0 + i, ("s", f"s{i % 7}")) for i in range(1500)]
+    backend.create_legacy(rows)
+    url = backend.url
+    upgrade(url, "0002")
+
+    def crash_after_two_batches(done: int, total: int) -> None:
+        if done >= 1000:
+            raise KeyboardInterrupt("simulated crash")
+
+    with pytest.raises(KeyboardInterrupt):
+        upgrade(url, batch_size=500, on_progress=crash_after_two_batches)
+    assert len(backend.table_rows(PROGRESS_TABLE)) == 1
+    downgrade(url, "0001")
+    upgrade(url, batch_size=500)
+    assert backend.rows("SELECT count(*), count(created_at) FROM trace_sessions") == [(3000, 3000)]
+    assert backend.junction_drift() == []
+
+
 def test_batch_size_from_x_argument_and_environment(backend: Backend) -> None:
     backend.create_legacy([(f"t{i}", "a", "b", i, {}, float(i), float(i), ("s",)) for i in range(50)])
     result = run_alembic("-x", f"url={backend.url}", "-x", "batch_size=7", "upgrade", "0003")

@@ -40,6 +40,7 @@ import time
 import sqlalchemy as sa
 from alembic import context, op
 
+from tracestore.migrate.backfill import ORPHANS_TABLE, PROGRESS_TABLE
 from tracestore.migrate.index_build import DROP_BUILD
 from tracestore.migrate.online import ddl_step
 from tracestore.migrate.schema import (
@@ -105,6 +106,10 @@ def downgrade() -> None:
     if op.get_bind().dialect.name == "sqlite":
         for drop in DROP_BUILD:  # an interrupted 0003's build table: its triggers name the column
             op.execute(drop)
+    # An interrupted 0003's saved position describes copies this downgrade drops: kept, it would make the
+    # next upgrade's backfill skip every row it had reached and leave their created_at NULL.
+    for table in (PROGRESS_TABLE, ORPHANS_TABLE):
+        op.execute(f"DROP TABLE IF EXISTS {table}")
     op.execute(drop_session_index())
     op.create_index("idx_trace_sessions_trace", "trace_sessions", ["trace_id"], if_not_exists=True)
     for statement in drop_copy_triggers(dialect=op.get_bind().dialect.name):
