@@ -227,3 +227,19 @@ def test_a_sqlite_that_refuses_to_rewrite_its_schema_gets_create_index(
     assert refused and reports["backfill"].index_attached is False
     assert "cannot be rewritten" in caplog.text
     assert_index_is_right(legacy)
+
+
+def test_an_index_made_during_the_build_is_kept_and_the_build_table_dropped(legacy: Path) -> None:
+    def create_index(step: int) -> None:
+        if step == 2:
+            with sqlite3.connect(legacy) as other:
+                other.execute(
+                    f"CREATE INDEX {SESSION_TIME_INDEX} ON trace_sessions (session_uid, created_at, trace_id)"
+                    " WHERE created_at IS NOT NULL"
+                )
+            other.close()
+
+    with after_statement("SELECT count(j.created_at) FROM temp", create_index):
+        reports = upgrade(f"sqlite:///{legacy}", batch_size=100)
+    assert reports["backfill"].index_attached is True
+    assert_index_is_right(legacy)

@@ -198,6 +198,12 @@ def _attach(connection: Connection, index: str, index_sql: str, checked_version:
     run = connection.exec_driver_sql
     if int(run("PRAGMA schema_version").scalar_one()) != checked_version:
         return None
+    if run("SELECT 1 FROM sqlite_master WHERE name = ?", (index,)).first():
+        # Made meanwhile by CREATE INDEX (complete by construction): a second schema row of that name would
+        # corrupt the schema, so the build table goes instead.
+        for statement in DROP_BUILD:
+            run(statement)
+        return "already made by CREATE INDEX: the build table dropped"
     for name in BUILD_TRIGGERS:
         run(f"DROP TRIGGER IF EXISTS {name}")
     for statistics in ("sqlite_stat1", "sqlite_stat4"):
