@@ -243,3 +243,26 @@ def test_an_index_made_during_the_build_is_kept_and_the_build_table_dropped(lega
         reports = upgrade(f"sqlite:///{legacy}", batch_size=100)
     assert reports["backfill"].index_attached is True
     assert_index_is_right(legacy)
+
+
+def test_a_link_whose_trace_is_gone_loses_its_copy_and_waits_for_finalize(legacy: Path) -> None:
+    """A copy written while the trace existed, the trace deleted since (foreign keys off): the backfill sets it
+    NULL, as its trace's time is now unknown, so the link is kept for finalize and stays out of the index."""
+    upgrade(f"sqlite:///{legacy}", "0002")
+    writer = previous_release(legacy)
+    trace_id, session_uid = writer.execute("SELECT trace_id, session_uid FROM trace_sessions LIMIT 1").fetchone()
+    (links,) = writer.execute("SELECT count(*) FROM trace_sessions WHERE trace_id = ?", (trace_id,)).fetchone()
+    writer.execute("UPDATE trace_sessions SET created_at = 12345.0 WHERE trace_id = ?", (trace_id,))
+    writer.execute("DELETE FROM traces WHERE id = ?", (trace_id,))
+    writer.close()
+    reports = upgrade(f"sqlite:///{legacy}", batch_size=100)
+    assert reports["backfill"].orphans_kept == 9 + links
+    with sqlite3.connect(legacy) as connection:
+        assert connection.execute(
+            "SELECT created_at FROM trace_sessions WHERE trace_id = ? AND session_uid = ?", (trace_id, session_uid)
+        ).fetchone() == (None,)
+        assert connection.execute(
+            "SELECT count(*) FROM tracestore_orphan_links WHERE trace_id = ?", (trace_id,)
+        ).fetchone() == (links,)
+    connection.close()
+    assert_index_is_right(legacy)

@@ -1,4 +1,4 @@
-"""Add trace_sessions.created_at, the triggers that keep it right, and the (empty) session index.
+"""Add trace_sessions.created_at and the triggers that keep it right (PostgreSQL: and the empty session index).
 
 The "expand" step of an online migration; the backfill (0003) then fills the copy a batch at a time
 and 0004 retires the legacy session index. Three short write transactions with the lock left free

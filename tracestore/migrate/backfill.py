@@ -61,20 +61,24 @@ class BackfillReport:
 
 
 _NEXT_BOUND = text("SELECT rowid FROM trace_sessions WHERE rowid > :lo ORDER BY rowid LIMIT 1 OFFSET :skip")
-_ORPHANS_IN_RANGE = (
-    " FROM trace_sessions WHERE rowid > :lo AND rowid <= :hi"
+# Run after _FILL in the same transaction, which left created_at NULL exactly on the links whose trace does
+# not exist (the legacy schema's traces.created_at is NOT NULL): no second probe of traces per link.
+_KEEP_ORPHANS = text(
+    f"INSERT OR IGNORE INTO {ORPHANS_TABLE} (trace_id, session_uid) SELECT trace_id, session_uid"
+    " FROM trace_sessions WHERE rowid > :lo AND rowid <= :hi AND created_at IS NULL"
+)
+# Run before _FILL (verify --fix after finalize, rarely many rows), so the count of links filled leaves them out.
+_DELETE_ORPHANS = text(
+    "DELETE FROM trace_sessions WHERE rowid > :lo AND rowid <= :hi"
     " AND NOT EXISTS (SELECT 1 FROM traces WHERE traces.id = trace_sessions.trace_id)"
 )
-_DELETE_ORPHANS = text("DELETE" + _ORPHANS_IN_RANGE)
-_KEEP_ORPHANS = text(
-    f"INSERT OR IGNORE INTO {ORPHANS_TABLE} (trace_id, session_uid) SELECT trace_id, session_uid" + _ORPHANS_IN_RANGE
-)
-# Only rows whose value differs are written, so a rerun over finished ranges costs reads only.
+# Each link's copy set to its trace's time, NULL if the trace does not exist: one probe of traces per link
+# (the same statement with correlated subqueries made two). Only rows whose value differs are written, so a
+# rerun over finished ranges (verify --fix) costs reads only.
 _FILL = text(
-    "UPDATE trace_sessions SET created_at ="
-    " (SELECT traces.created_at FROM traces WHERE traces.id = trace_sessions.trace_id)"
-    " WHERE rowid > :lo AND rowid <= :hi AND created_at IS NOT"
-    " (SELECT traces.created_at FROM traces WHERE traces.id = trace_sessions.trace_id)"
+    "UPDATE trace_sessions SET created_at = copy.created_at FROM (SELECT j.rowid AS rid, traces.created_at"
+    " FROM trace_sessions AS j LEFT JOIN traces ON traces.id = j.trace_id WHERE j.rowid > :lo AND j.rowid <= :hi)"
+    " AS copy WHERE trace_sessions.rowid = copy.rid AND trace_sessions.created_at IS NOT copy.created_at"
 )
 _SAVE = text(f"INSERT OR REPLACE INTO {PROGRESS_TABLE} (task, last_rowid) VALUES (:task, :hi)")
 
@@ -107,7 +111,6 @@ def backfill_sqlite(
     log.info("backfill: batch size %d", batch_size)
     total = connection.execute(text("SELECT count(*) FROM trace_sessions WHERE rowid > :lo"), {"lo": low}).scalar_one()
     tracker = _Tracker(total, on_progress)
-    orphans = _DELETE_ORPHANS if remove_orphans else _KEEP_ORPHANS
     # No session index yet (this release's 0002 does not create it): the batches write the table's pages
     # only, in rowid order, and the index is built in its own order afterwards (migrate.index_build).
     # An index already there (made empty by an earlier release's 0002) is filled by the batches.
@@ -128,8 +131,9 @@ def backfill_sqlite(
         bounds = {"lo": low, "hi": high}
 
         def batch(bounds: dict[str, int] = bounds, high: int = high) -> tuple[int, int]:
-            found = connection.execute(orphans, bounds).rowcount
+            removed = connection.execute(_DELETE_ORPHANS, bounds).rowcount if remove_orphans else 0
             updated = connection.execute(_FILL, bounds).rowcount
+            found = removed if remove_orphans else connection.execute(_KEEP_ORPHANS, bounds).rowcount
             connection.execute(_SAVE, {"task": TASK, "hi": high})
             return updated, found
 
