@@ -37,6 +37,7 @@ import argparse
 import bisect
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -75,7 +76,32 @@ STEPS = {
     "0003": "0003 backfill, then the session index built in key order",
     "0004": "0004 drop the legacy session indexes + ANALYZE",
 }
-LABELS = {**STEPS, "later": "the revisions after 0004"}
+LABELS = {
+    **STEPS,
+    "0003 sort": "0003 the session index: its keys sorted (no lock)",
+    "0003 copy": "0003 the session index: copied in key order, checked, attached",
+    "later": "the revisions after 0004",
+}
+# Log lines of the upgrade that start a part of 0003 worth its own row of writer figures.
+SUBSTEPS = (
+    ("session index: building it", "0003 sort"),
+    ("session index: %d links to copy", "0003 copy"),
+)
+
+
+class _Marks(logging.Handler):
+    """Appends (part, now) to the writer figures' marks when the upgrade logs the start of a part of 0003."""
+
+    def __init__(self, marks: list[tuple[str, int]]) -> None:
+        super().__init__(logging.INFO)
+        self.marks = marks
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for prefix, name in SUBSTEPS:
+            if str(record.msg).startswith(prefix):
+                self.marks.append((name, time.perf_counter_ns()))
+
+
 STALL_TARGET_S = 1.0
 BYTES_TARGET = 3.0  # bytes the upgrade writes / the legacy file's size
 # At 10M traces: `tracestore upgrade` seconds, and the cold 10-minute window on the migrated file.
@@ -320,6 +346,10 @@ class Bench:
         steps: dict[str, float] = {}
         reports: dict[str, Any] = {}
         retried: dict[str, list[str]] = {revision: [] for revision in STEPS}
+        substeps, logger = _Marks(marks), logging.getLogger("tracestore.migrate")
+        logger.addHandler(substeps)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)  # the marks come from INFO records
         try:
             time.sleep(self.args.settle)
             io_before, upgrade_started = process_io(), time.perf_counter()
@@ -353,6 +383,7 @@ class Bench:
             marks.append(("after", time.perf_counter_ns()))
             time.sleep(self.args.settle)
         finally:
+            logger.removeHandler(substeps)
             end = time.perf_counter_ns()
             self.log("stopping the writer")
             written = writer.stop()

@@ -42,9 +42,9 @@ EpochSeconds: TypeEngine[float] = Double().with_variant(REAL(), "sqlite")
 # The one index the hot query needs. It carries the whole sort key (created_at, trace_id): without
 # trace_id the tie-break brings back "USE TEMP B-TREE FOR RIGHT PART OF ORDER BY", and with it the
 # junction side of the join is a covering index scan. SQLite walks it backwards for "newest first".
-# - Partial (WHERE created_at IS NOT NULL), so the migration can build it online: created while every
-#   copy is still NULL it is empty (one table scan, no sort), and the batched backfill fills it a batch
-#   at a time, instead of one CREATE INDEX holding the write lock for a full sort. Queries say
+# - Partial (WHERE created_at IS NOT NULL), so the migration can build it online without one CREATE INDEX
+#   holding the write lock for a full sort: PostgreSQL creates it empty and the backfill fills it, SQLite
+#   builds it beside the table and attaches it whole (migrate.index_build). Queries say
 #   `created_at IS NOT NULL` to use it; a link whose trace is missing (the only way a copy stays
 #   NULL, see migrate.schema.COPY_TRIGGERS) is never an answer anyway.
 # - Ascending, not the original design's DESC: links arrive oldest first (the backfill walks rowids,

@@ -116,6 +116,7 @@ def build_session_index(connection: Connection, *, batch_size: int) -> bool:
     """
     index = SESSION_TIME_INDEX
     create_index = str(CreateIndex(session_index(), if_not_exists=True).compile(dialect=connection.dialect))
+    log.info("session index: building it beside trace_sessions, in key order")
     started = time.monotonic()
     resumed = connection.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE name = ?", (BUILD_TABLE,)).first()
     write_step(connection, lambda: _install(connection), what="create the session index's build table")
