@@ -162,6 +162,9 @@ def _copy(connection: Connection, batch_size: int, *, resumed: bool) -> int:
         run(_SNAPSHOT.format(resumed=_NOT_COPIED if resumed else ""))
     finally:
         run(f"PRAGMA threads={int(threads)}")
+    # No frame committed during that long read could be checkpointed: copy them now, or the writer whose
+    # commit next crosses its autocheckpoint copies them all inside its COMMIT (up to 0.93 s at 10M).
+    restart_wal(connection)
     total = run(f"SELECT coalesce(max(rowid), 0) FROM temp.{_KEYS}").scalar_one()
     log.info("session index: %d links to copy, sorted in %.1fs", total, time.monotonic() - snapshot_started)
     copied, low, batches, last_log = 0, 0, 0, time.monotonic()
@@ -190,6 +193,7 @@ def _check(connection: Connection) -> int | None:
     # The version first: a VACUUM after it changes it, and _attach then refuses; one before it is in the counts.
     version = int(connection.exec_driver_sql("PRAGMA schema_version").scalar_one())
     built_count, built_sum, count, rowid_sum = connection.exec_driver_sql(_COUNTS).one()  # one statement, one snapshot
+    restart_wal(connection)  # what was committed during the scans (see _copy)
     if (built_count, built_sum) != (count, rowid_sum):
         log.warning(
             "session index: the build table holds %d entries (rowid sum %d) where trace_sessions has %d links with"
