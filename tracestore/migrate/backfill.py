@@ -114,7 +114,9 @@ def backfill_sqlite(
     # No session index yet (this release's 0002 does not create it): the batches write the table's pages
     # only, in rowid order, and the index is built in its own order afterwards (migrate.index_build).
     # An index already there (made empty by an earlier release's 0002) is filled by the batches.
-    build_index = SESSION_TIME_INDEX not in _sqlite_indexes(connection)
+    build_index = SESSION_TIME_INDEX not in {
+        index["name"] for index in inspect(connection).get_indexes("trace_sessions")
+    }
     batches = 0
     while True:
         high = connection.execute(_NEXT_BOUND, {"lo": low, "skip": batch_size - 1}).scalar()
@@ -147,10 +149,6 @@ def backfill_sqlite(
         tracker.report.index_attached = build_session_index(connection, batch_size=batch_size)
         tracker.report.index_seconds = time.monotonic() - started
     return tracker.finish(connection)
-
-
-def _sqlite_indexes(connection: Connection) -> set[str]:
-    return set(connection.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index'").scalars())
 
 
 _CREATE_ORPHANS_TABLE = (

@@ -44,8 +44,9 @@ log = logging.getLogger("tracestore.migrate")
 
 BUILD_TABLE = "tracestore_session_index_build"
 BUILD_TRIGGERS = (f"{BUILD_TABLE}_insert", f"{BUILD_TABLE}_update", f"{BUILD_TABLE}_delete")
+_DROP_TRIGGERS = tuple(f"DROP TRIGGER IF EXISTS {name}" for name in BUILD_TRIGGERS)
 # What a downgrade runs in its own transaction to remove an interrupted build (its triggers name created_at).
-DROP_BUILD = (*(f"DROP TRIGGER IF EXISTS {name}" for name in BUILD_TRIGGERS), f"DROP TABLE IF EXISTS {BUILD_TABLE}")
+DROP_BUILD = (*_DROP_TRIGGERS, f"DROP TABLE IF EXISTS {BUILD_TABLE}")
 _KEYS = "tracestore_session_index_keys"  # TEMP: the snapshot, in key order (its rowid)
 # Checkpoint after this many copy batches: each batch writes few pages in key order, and the pages a
 # checkpoint writes back together share the OS's page-cache folios instead of dirtying one each.
@@ -107,6 +108,11 @@ def session_index() -> Index:
     return next(index for index in Base.metadata.tables["trace_sessions"].indexes if index.name == SESSION_TIME_INDEX)
 
 
+def create_session_index() -> CreateIndex:
+    """CREATE INDEX IF NOT EXISTS idx_trace_sessions_uid_time (partial), from the model."""
+    return CreateIndex(session_index(), if_not_exists=True)
+
+
 def build_session_index(connection: Connection, *, batch_size: int) -> bool:
     """Build and attach the session index (module doc); True if attached from the build table, False if
     it had to be made by CREATE INDEX.
@@ -115,7 +121,7 @@ def build_session_index(connection: Connection, *, batch_size: int) -> bool:
     carry its created_at (the backfill), and the index must not exist.
     """
     index = SESSION_TIME_INDEX
-    create_index = str(CreateIndex(session_index(), if_not_exists=True).compile(dialect=connection.dialect))
+    create_index = str(create_session_index().compile(dialect=connection.dialect))
     log.info("session index: building it beside trace_sessions, in key order")
     started = time.monotonic()
     resumed = connection.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE name = ?", (BUILD_TABLE,)).first()
@@ -219,8 +225,8 @@ def _attach(connection: Connection, index: str, index_sql: str, checked_version:
         for statement in DROP_BUILD:
             run(statement)
         return "already made by CREATE INDEX: the build table dropped"
-    for name in BUILD_TRIGGERS:
-        run(f"DROP TRIGGER IF EXISTS {name}")
+    for statement in _DROP_TRIGGERS:
+        run(statement)
     for statistics in ("sqlite_stat1", "sqlite_stat4"):
         if run("SELECT 1 FROM sqlite_master WHERE name = ?", (statistics,)).first():
             run(f"DELETE FROM {statistics} WHERE tbl = ?", (BUILD_TABLE,))

@@ -6,13 +6,13 @@ import logging
 from contextlib import AbstractContextManager
 
 from sqlalchemy import Connection, ForeignKeyConstraint, TextClause, inspect, text
-from sqlalchemy.schema import AddConstraint, CreateIndex, DropIndex
+from sqlalchemy.schema import AddConstraint, DropIndex
 
 from tracestore.dialects import rules_for
 from tracestore.dialects.base import FOLLOW_TRIGGER, STAMP_LINK_TRIGGER, STAMP_TRACE_TRIGGER
 from tracestore.dialects.postgresql import index_is_valid
 from tracestore.migrate.backfill import remove_orphan_links_postgresql
-from tracestore.migrate.index_build import session_index
+from tracestore.migrate.index_build import create_session_index, session_index
 from tracestore.migrate.online import ddl_step
 from tracestore.migrate.versions import OWN_TABLES
 from tracestore.models import SESSION_TIME_INDEX, Base
@@ -85,11 +85,6 @@ def rolling_deploy_triggers(connection: Connection) -> list[str]:
     """The rolling-deploy triggers still present: none once `tracestore finalize` has run."""
     missing = missing_copy_triggers(connection, ROLLING_DEPLOY_TRIGGERS)
     return [name for name in ROLLING_DEPLOY_TRIGGERS if name not in missing]
-
-
-def create_session_index() -> CreateIndex:
-    """CREATE INDEX IF NOT EXISTS idx_trace_sessions_uid_time (partial), from the model."""
-    return CreateIndex(session_index(), if_not_exists=True)
 
 
 def drop_session_index() -> DropIndex:

@@ -28,6 +28,7 @@ from tracestore import migrate
 from tracestore.engine import create_engine, missing_sqlite_file, shown, sync_url, tracestore_connection
 from tracestore.errors import StorageError, storage_error
 from tracestore.migrate.backfill import DEFAULT_BATCH_SIZE, PROGRESS_TABLE, backfill
+from tracestore.migrate.index_build import create_session_index
 from tracestore.migrate.online import ddl_step
 from tracestore.migrate.schema import (
     BOUNDED_ANALYZE,
@@ -35,7 +36,6 @@ from tracestore.migrate.schema import (
     FOREIGN_KEY_VALID,
     REQUIRED_TRIGGERS,
     create_copy_triggers,
-    create_session_index,
     drop_session_index,
     freed_pages_not_zeroed,
     links_foreign_key,
